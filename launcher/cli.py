@@ -1,0 +1,297 @@
+"""`launcher` — the user's door. Verbs and flags are a public contract (DESIGN.md "CLI contract")."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher.errors import UserError
+
+log = logging.getLogger("lmforge.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launcher", description="Train efficient LMs on Ray + DeepSpeed.")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("submit", help="run a job from a spec (re-submitting a name resumes it)")
+    s.add_argument("config")
+    s.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--name")
+    s.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
+    s.add_argument("--detach", action="store_true", help="return at once; follow with `launcher logs NAME --follow`")
+
+    s = sub.add_parser("status", help="state of one job, or of all known jobs")
+    s.add_argument("name", nargs="?")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("logs", help="driver and rank logs of a job")
+    s.add_argument("name")
+    s.add_argument("--follow", action="store_true")
+
+    s = sub.add_parser("stop", help="checkpoint and stop a running job")
+    s.add_argument("name")
+    s.add_argument("--timeout", type=float, default=120.0)
+
+    s = sub.add_parser("resume", help="continue a job from its newest good checkpoint")
+    s.add_argument("name")
+    s.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--address")
+    s.add_argument("--detach", action="store_true")
+
+    s = sub.add_parser("data", help="data preparation")
+    dsub = s.add_subparsers(dest="data_verb", required=True)
+    d = dsub.add_parser("prepare", help="corpus -> tokenizer -> webdataset shards + manifest")
+    d.add_argument("--corpus", default="builtin", help="builtin, or a .txt/.jsonl file or directory")
+    d.add_argument("--vocab-size", type=int, default=8192)
+    d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--out", help="output directory (default: the cache directory jobs use)")
+    d.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    d.add_argument("--samples-per-shard", type=int, default=2048)
+
+    s = sub.add_parser("eval", help="validation loss of a job's newest checkpoint (or a checkpoint directory)")
+    s.add_argument("target")
+    s.add_argument("--samples", type=int, default=None, help="validation samples (default: all)")
+
+    s = sub.add_parser("_run", help=argparse.SUPPRESS)  # the detached driver
+    s.add_argument("job_dir")
+    s.add_argument("--address")
+    return p
+
+
+def _setup_logging(debug: bool, logfile: Path | None = None) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(logging.DEBUG if debug else logging.INFO)
+    # Library chatter (DeepSpeed, Ray) stays in the log files unless --debug.
+    console.addFilter(lambda r: debug or r.name.startswith("lmforge") or r.levelno >= logging.ERROR)
+    root.addHandler(console)
+    if logfile:
+        fh = logging.FileHandler(logfile)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+
+
+def _load_validated(config: Path | str, sets: list[str]):
+    from launcher.spec import load_spec
+    from launcher.validate import validate
+
+    spec = load_spec(config, sets)
+    validate(spec)
+    return spec
+
+
+def _job_for(spec, name: str):
+    from launcher.jobs import JobDir, pid_alive
+
+    job = JobDir((Path(spec.train.output_dir).expanduser() / name).resolve())
+    state = job.read_state()
+    if state.get("state") in ("PENDING", "RUNNING", "RESTARTING") and pid_alive(state.get("driver_pid")):
+        raise UserError(f"job {name!r} is already running (driver pid {state['driver_pid']}); use `launcher stop {name}` first")
+    return job
+
+
+def _start(job, spec, address: str | None, detach: bool, debug: bool) -> int:
+    from launcher import jobs
+    from launcher.orchestrator import run_job
+    from launcher.spec import dump_spec
+
+    job.create()
+    jobs.register(job)
+    if detach:
+        dump_spec(spec, job.spec)
+        cmd = [sys.executable, "-m", "launcher.cli", "_run", str(job.path)] + (["--address", address] if address else [])
+        with open(job.logs / "driver.log", "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        job.update_state(name=job.name, state="PENDING", driver_pid=proc.pid, job_dir=str(job.path))
+        print(f"submitted {job.name} (driver pid {proc.pid}); follow with: launcher logs {job.name} --follow")
+        return 0
+    _setup_logging(debug, job.logs / "driver.log")
+    final = run_job(job, spec, address=address, show_bar=sys.stderr.isatty())
+    _summary(final)
+    return 0 if final.get("state") == "SUCCEEDED" else 1
+
+
+def _summary(final: dict) -> None:
+    from launcher import tracking
+
+    ml = final.get("mlflow") or {}
+    print(f"job {final.get('name')}: {final.get('state')} at step {final.get('step')}"
+          + (f" — {final['error']}" if final.get("error") else ""))
+    if ml.get("run_id"):
+        try:
+            loss = tracking.metric_history(ml["tracking_uri"], ml["run_id"], "loss")
+            val = tracking.metric_history(ml["tracking_uri"], ml["run_id"], "val_loss")
+            if loss:
+                print(f"loss at step {loss[0][0]}: {loss[0][1]:.4f}")
+            if val:
+                print(f"val_loss at step {val[-1][0]}: {val[-1][1]:.4f}")
+        except Exception as e:  # noqa: BLE001 - the summary must not hide the job's own outcome
+            log.warning("could not read metrics back: %s", e)
+        print(f"mlflow run id: {ml['run_id']}")
+        print(f"tracking uri: {ml['tracking_uri']}")
+        print(f"view it: mlflow ui --backend-store-uri {ml['tracking_uri']}")
+
+
+def cmd_submit(args) -> int:
+    spec = _load_validated(args.config, args.sets)
+    name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return _start(_job_for(spec, name), spec, args.address, args.detach, args.debug)
+
+
+def cmd_resume(args) -> int:
+    from launcher import jobs
+
+    job = jobs.find(args.name)
+    spec = _load_validated(job.spec, args.sets)
+    return _start(_job_for(spec, job.name), spec, args.address, args.detach, args.debug)
+
+
+def cmd_run(args) -> int:
+    from launcher.jobs import JobDir
+    from launcher.orchestrator import run_job
+    from launcher.spec import load_spec
+
+    job = JobDir(Path(args.job_dir))
+    _setup_logging(args.debug)
+    final = run_job(job, load_spec(job.spec), address=args.address)
+    _summary(final)
+    return 0 if final.get("state") == "SUCCEEDED" else 1
+
+
+def cmd_status(args) -> int:
+    from launcher import jobs
+
+    if args.name:
+        st = jobs.status(jobs.find(args.name))
+        if args.json:
+            print(json.dumps(st, indent=1))
+        else:
+            _print_status([st])
+        return 0
+    sts = []
+    for name, path in sorted(jobs.registered().items()):
+        job = jobs.JobDir(Path(path))
+        if job.state_file.exists():
+            sts.append(jobs.status(job))
+    print(json.dumps(sts, indent=1)) if args.json else _print_status(sts)
+    return 0
+
+
+def _print_status(sts: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "state", "step", "restarts", "workers", "last checkpoint", "mlflow run")
+    for s in sts:
+        workers = ", ".join(f"{w['rank']}:{w['host']}/{w['pid']}" for w in s["workers"])
+        table.add_row(s["name"], s["state"], str(s["step"]), str(s["restarts"]), workers,
+                      Path(s["last_checkpoint"]).name if s["last_checkpoint"] else "-", (s["mlflow"] or {}).get("run_id", "-"))
+    Console().print(table)
+
+
+def cmd_logs(args) -> int:
+    from launcher import jobs
+
+    job = jobs.find(args.name)
+    files = [job.logs / "driver.log"] + sorted(job.logs.glob("rank*.log"))
+    if not args.follow:
+        for f in files:
+            if f.exists():
+                print(f"==> {f.name} <==")
+                sys.stdout.write(f.read_text(errors="replace"))
+        return 0
+    positions: dict[Path, int] = {}
+    while True:
+        for f in [job.logs / "driver.log"] + sorted(job.logs.glob("rank*.log")):
+            if f.exists():
+                with open(f, errors="replace") as fh:
+                    fh.seek(positions.get(f, 0))
+                    chunk = fh.read()
+                    positions[f] = fh.tell()
+                if chunk:
+                    sys.stdout.write("".join(f"[{f.stem}] {line}\n" for line in chunk.splitlines()))
+                    sys.stdout.flush()
+        if jobs.status(job)["state"] in jobs.TERMINAL:
+            return 0
+        time.sleep(1)
+
+
+def cmd_stop(args) -> int:
+    import signal
+
+    from launcher import jobs
+    from launcher.orchestrator import wait_terminal
+
+    job = jobs.find(args.name)
+    st = jobs.status(job)
+    if st["state"] in jobs.TERMINAL:
+        print(f"job {job.name} is not running ({st['state']})")
+        return 0
+    job.stop_file.touch()
+    final = wait_terminal(job, args.timeout)
+    if final.get("state") not in jobs.TERMINAL:
+        pid = final.get("driver_pid")
+        if jobs.pid_alive(pid):
+            log.warning("job did not stop within %.0f s; terminating driver %s", args.timeout, pid)
+            os.kill(pid, signal.SIGTERM)
+            final = wait_terminal(job, 60)
+    print(f"job {job.name}: {final.get('state')} at step {jobs.status(job)['step']}")
+    return 0 if final.get("state") in jobs.TERMINAL else 1
+
+
+def cmd_data(args) -> int:
+    from data_pipeline import DataError, default_shards_dir, prepare
+
+    _setup_logging(args.debug)
+    out = Path(args.out) if args.out else default_shards_dir(args.corpus, args.vocab_size, args.seq_len)
+    try:
+        m = prepare(args.corpus, out, vocab_size=args.vocab_size, seq_len=args.seq_len,
+                    tokenizer=Path(args.tokenizer) if args.tokenizer else None, samples_per_shard=args.samples_per_shard)
+    except DataError as e:
+        raise UserError(f"data prepare: {e}") from None
+    print(f"prepared {out}: {m.train.samples} train / {m.val.samples} val samples of {m.seq_len + 1} tokens, vocab {m.vocab_size}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from launcher.evaluate import evaluate
+
+    _setup_logging(args.debug)
+    result = evaluate(args.target, max_samples=args.samples)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+VERBS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "resume": cmd_resume,
+         "data": cmd_data, "eval": cmd_eval, "_run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.debug = args.debug or bool(os.environ.get("LMFORGE_DEBUG"))
+    from data_pipeline.errors import DataError
+
+    try:
+        return VERBS[args.verb](args)
+    except (UserError, DataError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""`launcher eval`: validation loss of a checkpoint, in this process (no Ray, no process group)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import models
+from data_pipeline import load_manifest, val_batches
+from launcher import jobs
+from launcher.errors import UserError
+from launcher.orchestrator import resolve_shards
+from launcher.spec import load_spec
+from launcher.validate import model_config
+from parallel import checkpoint
+from parallel.step import eval_loss
+
+
+def _resolve(target: str) -> tuple[jobs.JobDir, Path]:
+    p = Path(target)
+    if (p / checkpoint.MANIFEST).is_file():  # a checkpoint directory: <job>/checkpoints/step_N
+        problem = checkpoint.verify(p)
+        if problem:
+            raise UserError(f"checkpoint {p}: {problem}")
+        return jobs.JobDir(p.resolve().parent.parent), p
+    job = jobs.find(target)
+    ckpt = checkpoint.latest_good(job.checkpoints)
+    if ckpt is None:
+        raise UserError(f"job {job.name} has no complete checkpoint in {job.checkpoints}")
+    return job, ckpt
+
+
+def evaluate(target: str, max_samples: int | None = None) -> dict[str, Any]:
+    job, ckpt = _resolve(target)
+    spec = load_spec(job.spec)
+    shards = resolve_shards(spec)
+    manifest = load_manifest(shards)
+    torch.manual_seed(spec.train.seed)
+    model = models.build(model_config(spec, vocab_size=manifest.vocab_size))
+    states = sorted(ckpt.glob("*/mp_rank_00_model_states.pt")) + sorted(ckpt.glob("mp_rank_00_model_states.pt"))
+    if not states:
+        raise UserError(f"checkpoint {ckpt}: no model states file")
+    model.load_state_dict(torch.load(states[0], map_location="cpu", weights_only=False)["module"])
+    samples = max_samples or manifest.val.samples
+    batches = val_batches(shards, micro_batch=spec.data.micro_batch, dp_rank=0, dp_size=1, max_samples=samples)
+    loss = eval_loss(model, batches, torch.device("cpu"))
+    return {"checkpoint": str(ckpt), "step": checkpoint.read_manifest(ckpt)["step"], "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 50.0)), "samples": min(samples, manifest.val.samples)}

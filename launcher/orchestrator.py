@@ -1,0 +1,201 @@
+"""The driver: prepare data, open the MLflow run, start Ray, run the worker group, record the outcome."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher import tracking
+from launcher.errors import UserError
+from launcher.jobs import TERMINAL, JobDir
+from launcher.spec import JobSpec, dump_spec
+
+log = logging.getLogger("lmforge.driver")
+
+
+def resolve_shards(spec: JobSpec) -> Path:
+    """The shard directory, prepared here (driver side, once) when missing and a corpus is given."""
+    from data_pipeline import DataError, default_shards_dir, load_manifest, prepare
+
+    d = spec.data
+    shards = Path(d.shards).expanduser() if d.shards else default_shards_dir(d.corpus or "builtin", d.vocab_size, d.seq_len)
+    if (shards / "manifest.json").is_file():
+        manifest = load_manifest(shards)
+        if manifest.seq_len != d.seq_len:
+            raise UserError(f"data.seq_len: {d.seq_len} but the shards in {shards} were packed for seq_len {manifest.seq_len}")
+        return shards
+    if d.corpus is None:
+        raise UserError(f"data.shards: no prepared shards in {shards}; run `launcher data prepare --out {shards}` first")
+    if d.corpus != "builtin" and not Path(d.corpus).expanduser().exists():
+        raise UserError(f"data.corpus: {d.corpus} does not exist (use `builtin` or a file/directory of .txt/.jsonl)")
+    log.info("preparing data from %s into %s", d.corpus, shards)
+    try:
+        prepare(
+            d.corpus if d.corpus == "builtin" else str(Path(d.corpus).expanduser()), shards,
+            vocab_size=d.vocab_size, seq_len=d.seq_len, samples_per_shard=d.samples_per_shard,
+            tokenizer=Path(d.tokenizer).expanduser() if d.tokenizer else None,
+        )
+    except DataError as e:
+        raise UserError(f"data: {e}") from None
+    return shards
+
+
+def _ray_init(spec: JobSpec, address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        # A small box still runs every rank: declare as many logical CPUs as the workers need.
+        need = spec.cluster.workers * spec.cluster.cpus_per_worker
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), **quiet)
+
+
+def _use_gpu(spec: JobSpec) -> bool:
+    if spec.cluster.device != "auto":
+        return spec.cluster.device == "cuda"
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+class _Progress:
+    """Polls the ranks' heartbeat files and shows step and loss (rich bar on a terminal, log lines otherwise)."""
+
+    def __init__(self, job: JobDir, total: int, show_bar: bool):
+        self.job, self.total, self.show_bar = job, total, show_bar
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _latest(self) -> tuple[int, float | None]:
+        reports = self.job.worker_reports()
+        r0 = next((r for r in reports if r["rank"] == 0), None)
+        return (r0["step"], r0.get("loss")) if r0 else (0, None)
+
+    def _run(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if not self.show_bar:
+            last = -1
+            while not self._stop.wait(5):
+                step, loss = self._latest()
+                if step != last and loss is not None:
+                    log.info("step %d/%d loss %.4f", step, self.total, loss)
+                    last = step
+            return
+        cols = [TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"), TimeRemainingColumn()]
+        with Progress(*cols, transient=False) as bar:
+            task = bar.add_task("train", total=self.total, loss="")
+            while not self._stop.wait(0.5):
+                step, loss = self._latest()
+                bar.update(task, completed=step, loss=f"loss {loss:.4f}" if loss is not None else "")
+            step, loss = self._latest()
+            bar.update(task, completed=step, loss=f"loss {loss:.4f}" if loss is not None else "")
+
+
+def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bool = False) -> dict[str, Any]:
+    """Run (or resume) the job to an end state; returns the final state dict."""
+    job.create()
+    job.stop_file.unlink(missing_ok=True)
+    dump_spec(spec, job.spec)
+    prior = job.read_state()
+    job.update_state(name=job.name, state="PENDING", driver_pid=os.getpid(), driver_host=socket.gethostname(),
+                     job_dir=str(job.path), error=None, steps=spec.train.steps)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        shards = resolve_shards(spec)
+        uri = tracking.resolve_uri(spec.tracking.uri, Path(spec.train.output_dir))
+        tracking.check_writable(uri)
+        run_id = tracking.ensure_run(uri, spec.tracking.experiment, job.name, prior.get("mlflow", {}).get("run_id"))
+        tracking.log_params(uri, run_id, {**spec.flat(), "data.shards_resolved": str(shards)})
+        tracking.log_artifact(uri, run_id, job.spec)
+        if (shards / "tokenizer.json").is_file():
+            tracking.log_artifact(uri, run_id, shards / "tokenizer.json")
+        job.update_state(mlflow={"tracking_uri": uri, "run_id": run_id})
+    except UserError as e:
+        job.update_state(state="FAILED", error=str(e))
+        raise
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from launcher.worker import train_loop
+
+    state, error = "FAILED", None
+    try:
+        _ray_init(spec, address)
+        use_gpu = _use_gpu(spec)
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"job_dir": str(job.path), "spec": spec.to_dict(), "shards": str(shards),
+                               "tracking_uri": uri, "run_id": run_id, "spec_hash": spec.hash()},
+            scaling_config=ScalingConfig(
+                num_workers=spec.cluster.workers, use_gpu=use_gpu,
+                resources_per_worker={"CPU": spec.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            ),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=job.name, storage_path=str(job.path / "ray"),
+                failure_config=FailureConfig(max_failures=spec.fault.max_restarts),
+            ),
+        )
+        job.update_state(state="RUNNING")
+        with _Progress(job, spec.train.steps, show_bar):
+            result = trainer.fit()
+        error = getattr(result, "error", None)
+        state = "FAILED" if error else ("STOPPED" if job.stop_file.exists() else "SUCCEEDED")
+    except KeyboardInterrupt:
+        state, error = "STOPPED", "interrupted"
+    except Exception as e:  # noqa: BLE001 - recorded in state.json and shown by `status`
+        state, error = "FAILED", f"{type(e).__name__}: {e}"
+        log.exception("job failed")
+    finally:
+        _shutdown_ray(address)
+    attempts = (job.path / "attempts.json")
+    from launcher.jobs import read_json
+
+    restarts = max(0, (read_json(attempts, {}) or {}).get("attempts", 1) - 1)
+    final = job.update_state(state=state, error=str(error) if error else None, restarts=restarts,
+                             step=max([r.get("step", 0) for r in job.worker_reports()] + [0]))
+    try:
+        tracking.set_terminated(uri, run_id, state)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not mark the MLflow run finished: %s", e)
+    return final
+
+
+def _raise_interrupt(signum, frame):  # noqa: ANN001
+    raise KeyboardInterrupt
+
+
+def _shutdown_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def wait_terminal(job: JobDir, timeout_s: float) -> dict[str, Any]:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        state = job.read_state()
+        if state.get("state") in TERMINAL:
+            return state
+        time.sleep(0.5)
+    return job.read_state()

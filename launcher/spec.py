@@ -1,0 +1,248 @@
+"""The job spec: YAML -> typed dataclasses, with `--set a.b=c` overrides.
+
+Key names here are a public contract (DESIGN.md "Stable names"): add, never rename.
+Cross-field checks live in `launcher/validate.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.errors import SpecError
+
+
+@dataclass
+class ClusterSpec:
+    workers: int = 2
+    address: str | None = None  # None: start an embedded local Ray cluster
+    cpus_per_worker: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    torch_threads: int | None = None  # None: cpus_per_worker
+
+
+@dataclass
+class ModelSpec:
+    arch: str = "transformer"
+    preset: str = "tiny"
+    # Any further key under `model:` overrides a field of the architecture's config dataclass.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParallelSpec:
+    tp: int = 1
+    pp: int = 1
+    dp: int | None = None  # None: cluster.workers / (tp * pp * cp)
+    cp: int = 1
+    ep: int = 1
+    zero: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class DataSpec:
+    shards: str | None = None  # None: a cache directory derived from corpus, vocab_size and seq_len
+    corpus: str | None = "builtin"  # builtin | a path | null (shards must already exist)
+    tokenizer: str | None = None  # an existing tokenizer.json instead of training one
+    vocab_size: int = 8192
+    seq_len: int = 128
+    micro_batch: int = 8
+    global_batch: int = 16
+    num_workers: int = 0  # dataloader worker processes per rank
+    samples_per_shard: int = 2048
+    eval_samples: int = 256
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainSpec:
+    steps: int = 100
+    eval_every: int = 25
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    output_dir: str = "runs"
+    seed: int = 0
+    log_every: int = 1
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16
+
+
+@dataclass
+class TrackingSpec:
+    uri: str | None = None  # None: sqlite store under train.output_dir
+    experiment: str = "lmforge"
+    system_metrics: bool = True
+
+
+@dataclass
+class FaultSpec:
+    max_restarts: int = 3
+    hang_timeout_s: float = 600.0
+    nonfinite: str = "skip_step"  # skip_step | stop
+
+
+@dataclass
+class JobSpec:
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    fault: FaultSpec = field(default_factory=FaultSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = {"arch": self.model.arch, "preset": self.model.preset, **self.model.overrides}
+        return d
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, for MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except SpecError:
+                pass
+        raise SpecError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(key, f"expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise SpecError(key, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if args:
+        return " or ".join("null" if a is type(None) else a.__name__ for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _section_from_dict(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(path, f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if cls is ModelSpec:
+        # Unknown keys under model: become architecture overrides, validated against the arch's config.
+        known = {k: v for k, v in data.items() if k in ("arch", "preset")}
+        extra = {k: v for k, v in data.items() if k not in ("arch", "preset")}
+        extra.update(extra.pop("overrides", None) or {})
+        out = cls(**{k: _coerce(v, hints[k], f"{path}.{k}") for k, v in known.items()})
+        out.overrides = extra
+        return out
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            raise SpecError(f"{path}.{k}", f"unknown key; allowed keys in {path}: {', '.join(names)}")
+        kwargs[k] = _coerce(v, hints[k], f"{path}.{k}")
+    return cls(**kwargs)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(JobSpec)}
+
+
+def spec_from_dict(data: Any) -> JobSpec:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError("<root>", f"a job spec is a mapping of sections, got {type(data).__name__}")
+    hints = typing.get_type_hints(JobSpec)
+    kwargs = {}
+    for name, value in data.items():
+        if name not in hints:
+            raise SpecError(name, f"unknown section; allowed sections: {', '.join(hints)}")
+        kwargs[name] = _section_from_dict(hints[name], value, name)
+    return JobSpec(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` strings; values are parsed as YAML scalars (`3`, `1e-3`, `true`, `null`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(item, "an override must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise SpecError(key, "an override key must be section.key, e.g. train.steps=50")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise SpecError(key, f"cannot parse value {raw!r}: {e}") from None
+        section = data.setdefault(parts[0], {})
+        if section is None:
+            section = data[parts[0]] = {}
+        if not isinstance(section, dict):
+            raise SpecError(parts[0], "expected a mapping")
+        section[parts[1]] = value
+    return data
+
+
+def load_spec(path: str | Path | None, overrides: list[str] = ()) -> JobSpec:
+    """Read a YAML spec (or start from defaults when `path` is None) and apply overrides."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError(str(path), "no such job spec file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SpecError(str(path), f"not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise SpecError(str(path), "a job spec is a mapping of sections")
+    return spec_from_dict(apply_overrides(data, list(overrides)))
+
+
+def dump_spec(spec: JobSpec, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,143 @@
+"""MLflow: one run per job, created by the driver; metrics logged by one rank.
+
+Metric names are a public contract (DESIGN.md): loss, val_loss, lr, grad_norm, tokens_per_s,
+mfu, step_time_s, restarts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_uri(uri: str | None, output_dir: Path) -> str:
+    """Default: an sqlite store under the output dir (MLflow's plain file store is deprecated)."""
+    if uri:
+        return uri
+    return f"sqlite:///{(Path(output_dir).resolve() / 'mlflow.db')}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_writable(uri: str) -> None:
+    """Fail before training if the store cannot be written (a read-only dir, a bad scheme)."""
+    db = _sqlite_path(uri)
+    target = db.parent if db else (Path(uri[len("file://"):]) if uri.startswith("file://") else None)
+    if target is None:
+        return
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"tracking.uri: cannot create MLflow store directory {target}: {e.strerror}") from None
+    if not os.access(target, os.W_OK) or (db and db.exists() and not os.access(db, os.W_OK)):
+        raise UserError(f"tracking.uri: MLflow store {target} is not writable")
+
+
+def artifact_root(uri: str) -> str | None:
+    db = _sqlite_path(uri)
+    return (db.parent / "mlartifacts").as_uri() if db else None
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_run(uri: str, experiment: str, job_name: str, run_id: str | None) -> str:
+    """The job's run: the given one if it exists, else the newest with tag job=<name>, else a new one."""
+    c = client(uri)
+    try:
+        exp = c.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else c.create_experiment(experiment, artifact_location=artifact_root(uri))
+    except Exception as e:  # noqa: BLE001 - any store failure is a user-facing configuration problem
+        raise UserError(f"tracking.uri: cannot use MLflow store {uri}: {e}") from None
+    if run_id:
+        try:
+            c.get_run(run_id)
+            return run_id
+        except Exception:  # noqa: BLE001
+            log.warning("MLflow run %s not found in %s; looking up by job tag", run_id, uri)
+    runs = c.search_runs([exp_id], filter_string=f"tags.job = '{job_name}'", order_by=["attributes.start_time DESC"], max_results=1)
+    if runs:
+        return runs[0].info.run_id
+    run = c.create_run(exp_id, run_name=job_name, tags={"job": job_name})
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    c = client(uri)
+    existing = c.get_run(run_id).data.params
+    fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+    for i in range(0, len(fresh), 100):
+        c.log_batch(run_id, params=fresh[i : i + 100])
+
+
+def log_artifact(uri: str, run_id: str, path: Path) -> None:
+    client(uri).log_artifact(run_id, str(path))
+
+
+def set_terminated(uri: str, run_id: str, state: str) -> None:
+    status = {"SUCCEEDED": "FINISHED", "STOPPED": "KILLED"}.get(state, "FAILED")
+    client(uri).set_terminated(run_id, status)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client(uri).get_metric_history(run_id, key))
+
+
+class MetricLogger:
+    """Buffers metrics and sends them in batches: one sqlite transaction per flush, not per value."""
+
+    def __init__(self, uri: str, run_id: str, flush_every: int = 10):
+        self.uri, self.run_id, self.flush_every = uri, run_id, flush_every
+        self._client = client(uri)
+        self._buf: list = []
+        self._steps_since_flush = 0
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buf.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self._steps_since_flush += 1
+        if self._steps_since_flush >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._buf), 1000):
+            self._client.log_batch(self.run_id, metrics=self._buf[i : i + 1000])
+        self._buf.clear()
+        self._steps_since_flush = 0
+
+
+class SystemMetrics:
+    """MLflow's system-metrics sampler (cpu, memory, gpu when present) attached to the job's run."""
+
+    def __init__(self, uri: str, run_id: str, interval_s: float = 10.0):
+        self._monitor = None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=uri)
+            self._monitor.start()
+        except Exception as e:  # noqa: BLE001 - system metrics are best effort, never fatal
+            log.warning("system metrics disabled: %s", e)
+            self._monitor = None
+
+    def stop(self) -> None:
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception as e:  # noqa: BLE001
+                log.warning("system metrics monitor did not stop cleanly: %s", e)

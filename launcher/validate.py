@@ -1,0 +1,125 @@
+"""Cross-field checks of a job spec, run before any worker starts.
+
+Every message names the key path and what is allowed, and shows the arithmetic for layouts.
+"""
+from __future__ import annotations
+
+from launcher.errors import SpecError
+from launcher.spec import JobSpec
+
+CHOICES = {
+    "cluster.device": ("auto", "cpu", "cuda"),
+    "train.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "fault.nonfinite": ("skip_step", "stop"),
+    "parallel.zero": (0, 1, 2),
+}
+
+# Layout degrees whose implementation has not landed yet: refused with the reason, never ignored.
+NOT_YET = {
+    "parallel.tp": "tensor parallelism",
+    "parallel.pp": "pipeline parallelism",
+    "parallel.cp": "context parallelism",
+    "parallel.ep": "expert parallelism",
+}
+
+
+def _get(spec: JobSpec, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(spec, section), name)
+
+
+def _positive(spec: JobSpec, keys: list[str], minimum: float) -> None:
+    for key in keys:
+        v = _get(spec, key)
+        if v is not None and v < minimum:
+            raise SpecError(key, f"must be >= {minimum:g}, got {v}")
+
+
+def data_parallel_size(spec: JobSpec) -> int:
+    """dp from the spec, or derived from the worker count; raises with the arithmetic if it does not fit."""
+    p, w = spec.parallel, spec.cluster.workers
+    model_ranks = p.tp * p.pp * p.cp
+    if p.dp is None:
+        if w % model_ranks:
+            raise SpecError(
+                "cluster.workers",
+                f"{w} workers cannot be split into tp×pp×cp = {p.tp}×{p.pp}×{p.cp} = {model_ranks} model ranks "
+                f"(workers must be a multiple of {model_ranks})",
+            )
+        return w // model_ranks
+    world = model_ranks * p.dp
+    if world != w:
+        raise SpecError(
+            "cluster.workers",
+            f"world size = tp×pp×dp×cp = {p.tp}×{p.pp}×{p.dp}×{p.cp} = {world}, but cluster.workers = {w}",
+        )
+    return p.dp
+
+
+def validate(spec: JobSpec) -> None:
+    """Raise SpecError for the first problem found."""
+    for key, allowed in CHOICES.items():
+        v = _get(spec, key)
+        if v not in allowed:
+            raise SpecError(key, f"got {v!r}; allowed: {', '.join(map(str, allowed))}")
+    _positive(spec, ["cluster.workers", "cluster.cpus_per_worker", "cluster.torch_threads"], 1)
+    _positive(spec, ["parallel.tp", "parallel.pp", "parallel.dp", "parallel.cp", "parallel.ep"], 1)
+    _positive(spec, ["data.vocab_size"], 256)
+    _positive(spec, ["data.seq_len"], 2)
+    _positive(spec, ["data.micro_batch", "data.global_batch", "data.samples_per_shard", "data.eval_samples"], 1)
+    _positive(spec, ["data.num_workers"], 0)
+    _positive(spec, ["train.steps", "train.keep_checkpoints", "train.log_every"], 1)
+    _positive(spec, ["train.eval_every", "train.checkpoint_every", "optim.warmup_steps"], 0)
+    _positive(spec, ["optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "fault.max_restarts"], 0)
+    _positive(spec, ["fault.hang_timeout_s"], 1)
+    if not spec.optim.lr > 0:
+        raise SpecError("optim.lr", f"must be > 0, got {spec.optim.lr}")
+    if spec.optim.min_lr_ratio > 1:
+        raise SpecError("optim.min_lr_ratio", f"must be in [0, 1], got {spec.optim.min_lr_ratio}")
+    for key in ("optim.beta1", "optim.beta2"):
+        if not 0 <= _get(spec, key) < 1:
+            raise SpecError(key, f"must be in [0, 1), got {_get(spec, key)}")
+    if spec.cluster.address is None and spec.cluster.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SpecError("cluster.device", "cuda requested but this machine has no CUDA device; allowed here: auto, cpu")
+
+    for key, what in NOT_YET.items():
+        if _get(spec, key) != 1:
+            raise SpecError(key, f"{what} is not available in this version; allowed: 1")
+    if spec.parallel.sequence_parallel:
+        raise SpecError("parallel.sequence_parallel", "sequence parallelism needs tp > 1, which is not available yet; allowed: false")
+
+    dp = data_parallel_size(spec)
+    d = spec.data
+    per_step = d.micro_batch * dp
+    if d.global_batch % per_step:
+        raise SpecError(
+            "data.global_batch",
+            f"{d.global_batch} is not a multiple of data.micro_batch × dp = {d.micro_batch} × {dp} = {per_step}",
+        )
+    _validate_model(spec)
+
+
+def _validate_model(spec: JobSpec) -> None:
+    import models
+
+    if spec.model.arch not in models.names():
+        raise SpecError("model.arch", f"unknown architecture {spec.model.arch!r}; allowed: {', '.join(models.names())}")
+    presets = models.get_spec(spec.model.arch).presets
+    if spec.model.preset not in presets:
+        raise SpecError("model.preset", f"unknown preset {spec.model.preset!r} for {spec.model.arch}; allowed: {', '.join(presets)}")
+    try:
+        model_config(spec, vocab_size=spec.data.vocab_size)
+    except (ValueError, TypeError) as e:
+        raise SpecError("model", str(e)) from None
+
+
+def model_config(spec: JobSpec, vocab_size: int):
+    """The architecture's config for this spec (vocab from the data, context from data.seq_len)."""
+    import models
+
+    overrides = dict(spec.model.overrides)
+    overrides.setdefault("max_seq_len", spec.data.seq_len)
+    return models.make_config(spec.model.arch, spec.model.preset, vocab_size=vocab_size, **overrides)

@@ -1,0 +1,157 @@
+"""The per-rank training loop, run by Ray Train on every worker (torch.distributed already set up).
+
+Order: topology -> model at full size from one seed -> DeepSpeed engine -> data stream at its
+position (from the newest good checkpoint) -> loop: step, log, evaluate, checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import models
+from data_pipeline import TokenStream, load_manifest, make_loader, val_batches
+from launcher import tracking
+from launcher.jobs import JobDir, read_json, report_worker, write_json_atomic
+from launcher.spec import JobSpec, spec_from_dict
+from launcher.validate import data_parallel_size, model_config
+from parallel import checkpoint
+from parallel.distributed import limit_threads, pick_device
+from parallel.engine import EngineConfig, build_engine
+from parallel.precision import resolve_dtype
+from parallel.step import eval_loss, train_step
+
+log = logging.getLogger("lmforge.worker")
+
+# Dense bf16 peak per device, for MFU; devices not listed log no mfu (CPU peaks are not meaningful).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def _setup_logging(job: JobDir, rank: int) -> None:
+    handler = logging.FileHandler(job.logs / f"rank{rank}.log")
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank if any rank says so: all ranks must leave the loop at the same step."""
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _count_attempt(job: JobDir) -> int:
+    """Restarts of this job so far (rank 0 counts every start of the worker group)."""
+    path = job.path / "attempts.json"
+    attempts = (read_json(path, {}) or {}).get("attempts", 0) + 1
+    write_json_atomic(path, {"attempts": attempts})
+    return attempts - 1
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    job = JobDir(Path(config["job_dir"]))
+    spec: JobSpec = spec_from_dict(config["spec"])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _setup_logging(job, rank)
+    device = pick_device(spec.cluster.device)
+    limit_threads(spec.cluster.torch_threads or spec.cluster.cpus_per_worker)
+    dtype = resolve_dtype(spec.train.dtype, device)
+    shards = Path(config["shards"])
+    manifest = load_manifest(shards)
+    dp = data_parallel_size(spec)
+    d, t = spec.data, spec.train
+    accum = d.global_batch // (d.micro_batch * dp)
+    restarts = _count_attempt(job) if rank == 0 else 0
+
+    torch.manual_seed(t.seed)  # every rank builds identical full-size weights
+    cfg = model_config(spec, vocab_size=manifest.vocab_size)
+    model = models.build(cfg).to(device)
+    engine = build_engine(
+        model,
+        EngineConfig(
+            micro_batch=d.micro_batch, grad_accum=accum, dp=dp, zero=spec.parallel.zero, lr=spec.optim.lr,
+            weight_decay=spec.optim.weight_decay, beta1=spec.optim.beta1, beta2=spec.optim.beta2, eps=spec.optim.eps,
+            grad_clip=spec.optim.grad_clip, warmup_steps=spec.optim.warmup_steps, total_steps=t.steps,
+            min_lr_ratio=spec.optim.min_lr_ratio, dtype=dtype,
+        ),
+    )
+    stream = TokenStream(shards, seed=t.seed, global_batch=d.global_batch, micro_batch=d.micro_batch, dp_rank=rank, dp_size=dp)
+
+    step = 0
+    ckpt = _broadcast(checkpoint.latest_good(job.checkpoints) if rank == 0 else None)
+    if ckpt is not None:
+        client = checkpoint.load(engine, ckpt)
+        stream.load_state_dict(client["data"])
+        step = client["step"]
+        log.info("resumed from %s at step %d", ckpt, step)
+    else:
+        random.seed(t.seed + rank)
+        np.random.seed(t.seed + rank)
+
+    logger = tracking.MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    system = (
+        tracking.SystemMetrics(config["tracking_uri"], config["run_id"])
+        if rank == 0 and spec.tracking.system_metrics else None
+    )
+    if logger:
+        logger.log(step, {"restarts": restarts})
+    meta = {"spec_hash": config["spec_hash"], "world": world, "dp": dp, "run_id": config["run_id"]}
+    fpt = models.get_spec(cfg.arch).flops_per_token
+    flops_per_token = fpt(cfg, d.seq_len) if fpt else None
+    peak = _peak_flops(device)
+    report_worker(job, rank, step)
+
+    batches = iter(make_loader(stream, d.num_workers))
+    stopped = False
+    try:
+        while step < t.steps:
+            t0 = time.perf_counter()
+            res = train_step(engine, (next(batches) for _ in range(accum)), device)
+            stream.advance_step()
+            dt = time.perf_counter() - t0
+            tokens_per_s = d.global_batch * d.seq_len / dt
+            metrics = {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, "step_time_s": dt, "tokens_per_s": tokens_per_s}
+            if peak and flops_per_token:
+                metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world)
+            last = step + 1 == t.steps
+            if t.eval_every and ((step + 1) % t.eval_every == 0 or last):
+                val = val_batches(shards, micro_batch=d.micro_batch, dp_rank=rank, dp_size=dp, max_samples=d.eval_samples)
+                metrics["val_loss"] = eval_loss(engine.module, val, device)
+            if logger and (step % t.log_every == 0 or last or "val_loss" in metrics):
+                logger.log(step, metrics)
+            step += 1
+            report_worker(job, rank, step, loss=res.loss)
+            stopped = _agree(rank == 0 and job.stop_file.exists(), device)
+            if last or stopped or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                client = {"step": step, "data": stream.state_dict(), "mlflow_run_id": config["run_id"], "spec_hash": config["spec_hash"]}
+                path = checkpoint.save(engine, job.checkpoints, step, client, meta, keep=t.keep_checkpoints)
+                log.info("checkpoint %s", path)
+            if stopped:
+                log.info("stop requested: leaving at step %d", step)
+                break
+    finally:
+        if logger:
+            logger.flush()
+        if system:
+            system.stop()

@@ -1,0 +1,93 @@
+"""One registration per architecture: the only door `parallel/` and `launcher/` use.
+
+A model class in the registry follows one protocol: `model_cls(cfg)` builds it and
+`model.init_weights()` (re)initialises every parameter and non-persistent buffer from the
+current torch RNG. `build()` relies on it to construct on the meta device, materialise, and
+initialise once, so every rank and layout starts from identical full-size weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    config_cls: type
+    presets: dict[str, dict]  # preset name -> config field overrides
+    model_cls: type[nn.Module]
+    tp_plan: dict[str, str] | None = None  # submodule-name pattern -> "colwise" | "rowwise" | "vocab"
+    pipeline_blocks: Callable | None = None  # model -> ordered list of blocks for pipeline stages
+    cp_core: str | None = None  # submodule-name pattern of the sequence-mixing core swapped for context parallel
+    expert_bank: str | None = None  # submodule-name pattern of the expert bank swapped for expert parallel
+    num_params: Callable[[Any], int] | None = None  # cfg -> parameter count (tied weights once)
+    flops_per_token: Callable[[Any, int], float] | None = None  # (cfg, seq_len) -> training FLOPs per token
+
+
+_SPECS: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    old = _SPECS.get(spec.name)
+    # Re-importing a module (reload, notebooks) re-registers the same class; anything else is a clash.
+    if old is not None and _qualname(old.model_cls) != _qualname(spec.model_cls):
+        raise ValueError(f"model arch {spec.name!r} is already registered by {_qualname(old.model_cls)}")
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def names() -> list[str]:
+    return sorted(_SPECS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in _SPECS:
+        raise ValueError(f"unknown model arch {name!r}; known: {', '.join(names()) or '(none)'}")
+    return _SPECS[name]
+
+
+def make_config(arch: str, preset: str, **overrides: Any) -> Any:
+    """Preset values first, then `overrides`; the config validates itself in `__post_init__`."""
+    spec = get_spec(arch)
+    if preset not in spec.presets:
+        raise ValueError(f"unknown preset {preset!r} for arch {arch!r}; known: {', '.join(spec.presets)}")
+    fields = [f.name for f in dataclasses.fields(spec.config_cls) if f.init]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown {spec.config_cls.__name__} field(s) {', '.join(unknown)}; known: {', '.join(fields)}"
+        )
+    return spec.config_cls(**{**spec.presets[preset], **overrides})
+
+
+def build(cfg: Any) -> nn.Module:
+    """Build the model for `cfg` on the current default device, initialised from the current RNG.
+
+    The module is always constructed on the meta device and initialised once by
+    `init_weights()` after materialising, so `build(cfg)` under a seed gives exactly the
+    weights of `with torch.device("meta"): m = build(cfg)` + `m.to_empty(device=...)` +
+    `m.init_weights()` under the same seed (constructing `model_cls(cfg)` directly does not:
+    torch's layer constructors draw from the RNG first). Under `torch.device("meta")` the
+    meta model is returned as is, for shapes and parameter counts.
+    """
+    arch = getattr(cfg, "arch", None)
+    spec = get_spec(arch) if isinstance(arch, str) else None
+    if spec is None or not isinstance(cfg, spec.config_cls):
+        raise ValueError(f"{type(cfg).__name__} is not the config of a registered arch; known: {', '.join(names())}")
+    target = torch.get_default_device()
+    with torch.device("meta"):
+        model = spec.model_cls(cfg)
+    if target.type == "meta":
+        return model
+    model.to_empty(device=target)
+    model.init_weights()
+    return model

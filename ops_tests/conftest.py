@@ -1,0 +1,12 @@
+"""Suite-wide settings: quiet CPU threading, caches that survive between runs, an isolated job registry."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))  # shared harness modules (spawn_ranks, ...) for tests and the processes they spawn
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lmforge" / "torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,87 @@
+"""Wrap a single-device model in a DeepSpeed engine: ZeRO 0/1/2, AdamW, warmup+cosine, clipping, accumulation."""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from parallel.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    micro_batch: int
+    grad_accum: int
+    dp: int
+    zero: int = 1
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    total_steps: int = 1
+    min_lr_ratio: float = 0.1
+    dtype: torch.dtype = torch.float32
+
+
+def deepspeed_config(cfg: EngineConfig) -> dict:
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum * cfg.dp,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.dtype == torch.bfloat16:
+        ds["bf16"] = {"enabled": True}
+    elif cfg.dtype == torch.float16:
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; never norms' gains or biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _skip_cpu_shm_build() -> None:
+    # DeepSpeed JIT-compiles a shared-memory comm op on CPU (~40 s, needs g++); gloo alone gives the same results.
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def build_engine(model: nn.Module, cfg: EngineConfig, mpu=None):
+    """Return a DeepSpeed engine; torch.distributed must already be initialised."""
+    import deepspeed
+
+    _skip_cpu_shm_build()
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    )
+    schedule = functools.partial(
+        warmup_cosine, warmup_steps=cfg.warmup_steps, total_steps=cfg.total_steps, min_ratio=cfg.min_lr_ratio
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg),
+        mpu=mpu,
+        dist_init_required=False,
+    )
+    return engine

@@ -1,0 +1,74 @@
+"""One optimizer step of a language model through a DeepSpeed engine, and evaluation."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32 whatever the compute dtype."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def split_batch(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed sample holds seq_len + 1 tokens: inputs are the first seq_len, targets the last."""
+    batch = batch.to(device, non_blocking=True)
+    return batch[:, :-1], batch[:, 1:]
+
+
+def _all_mean(x: float, device: torch.device) -> float:
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.item()
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over micro-batches and data-parallel ranks
+    grad_norm: float
+    lr: float
+
+
+def train_step(engine, micro_batches: Iterable[torch.Tensor], device: torch.device) -> StepResult:
+    """Forward/backward every micro-batch (the engine accumulates and reduces), then one optimizer step."""
+    total, n = 0.0, 0
+    for batch in micro_batches:
+        inputs, targets = split_batch(batch, device)
+        loss = lm_loss(engine(inputs), targets)
+        engine.backward(loss)
+        engine.step()  # a no-op except at the accumulation boundary
+        total += loss.item()
+        n += 1
+    loss = _all_mean(total / n, device)
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"non-finite loss {loss} at step {engine.global_steps}")
+    norm = engine.get_global_grad_norm()
+    norm = float(norm) if norm is not None else float("nan")
+    return StepResult(loss=loss, grad_norm=norm, lr=engine.get_lr()[0])
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> float:
+    """Token-weighted mean loss over this rank's batches, averaged over all ranks by token count."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        inputs, targets = split_batch(batch, device)
+        total[0] += lm_loss(model(inputs), targets).double() * targets.numel()
+        total[1] += targets.numel()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1].clamp(min=1)).item()
