@@ -10,3 +10,5 @@ sys.path.insert(0, str(HERE))  # shared harness modules (spawn_ranks, ...) for t
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lmforge" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One corpus download per machine, shared by the data tests and the end-to-end jobs.
+os.environ.setdefault("LMFORGE_CACHE", str(Path.home() / ".cache" / "lmforge"))
