@@ -2,7 +2,8 @@
 
 `<train.output_dir>/<name>/` holds `spec.yaml`, `state.json` (written by the driver only),
 `workers/rank<R>.json` (each rank's host, pid, step and heartbeat, written by that rank),
-`checkpoints/`, `logs/`, and `stop` (a stop request). Keeping one writer per file avoids races.
+`checkpoints/`, `logs/`, `stop` (a stop request) and `fatal.json` (written by rank 0 when a policy
+ends the job: Ray Train would restart a raising worker, but a NaN or a full disk comes back). Keeping one writer per file avoids races.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class JobDir:
     logs = property(lambda self: self.path / "logs")
     workers = property(lambda self: self.path / "workers")
     stop_file = property(lambda self: self.path / "stop")
+    fatal_file = property(lambda self: self.path / "fatal.json")  # a rank's reason to end the job without a restart
 
     def create(self) -> None:
         for d in (self.path, self.logs, self.workers, self.checkpoints):
@@ -123,6 +125,11 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
+def _live_restarts(job: JobDir) -> int:
+    record = read_json(job.path / "attempts.json", {}) or {}
+    return record.get("restarts_before", 0) + max(0, record.get("attempts", 1) - 1)
+
+
 def status(job: JobDir) -> dict[str, Any]:
     """What `launcher status --json` prints: the driver's state merged with the ranks' reports."""
     from parallel import checkpoint
@@ -138,7 +145,7 @@ def status(job: JobDir) -> dict[str, Any]:
         "name": job.name,
         "state": st,
         "step": max([r.get("step", 0) for r in reports] + [state.get("step", 0)]),
-        "restarts": state.get("restarts", 0),
+        "restarts": max(state.get("restarts", 0), _live_restarts(job)),
         "workers": [{"rank": r["rank"], "host": r["host"], "pid": r["pid"]} for r in reports],
         "mlflow": state.get("mlflow", {}),
         "last_checkpoint": str(latest) if latest else None,

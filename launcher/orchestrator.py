@@ -12,8 +12,9 @@ from typing import Any
 
 from launcher import tracking
 from launcher.errors import UserError
-from launcher.jobs import TERMINAL, JobDir
+from launcher.jobs import TERMINAL, JobDir, read_json, write_json_atomic
 from launcher.spec import JobSpec, dump_spec
+from launcher.watchdog import Watchdog
 
 log = logging.getLogger("lmforge.driver")
 
@@ -113,6 +114,11 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
     """Run (or resume) the job to an end state; returns the final state dict."""
     job.create()
     job.stop_file.unlink(missing_ok=True)
+    job.fatal_file.unlink(missing_ok=True)
+    for stale in job.workers.glob("rank*.json"):  # reports of an earlier run would look like hung ranks
+        stale.unlink()
+    prior_restarts = job.read_state().get("restarts", 0)
+    write_json_atomic(job.path / "attempts.json", {"attempts": 0, "restarts_before": prior_restarts})
     dump_spec(spec, job.spec)
     prior = job.read_state()
     job.update_state(name=job.name, state="PENDING", driver_pid=os.getpid(), driver_host=socket.gethostname(),
@@ -149,16 +155,20 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
                 num_workers=spec.cluster.workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": spec.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
             ),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            # A collective waiting on a dead or frozen peer gives up after the hang timeout too.
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(spec.fault.hang_timeout_s)),
             run_config=RunConfig(
                 name=job.name, storage_path=str(job.path / "ray"),
                 failure_config=FailureConfig(max_failures=spec.fault.max_restarts),
             ),
         )
         job.update_state(state="RUNNING")
-        with _Progress(job, spec.train.steps, show_bar):
+        with _Progress(job, spec.train.steps, show_bar), Watchdog(job, spec.fault.hang_timeout_s):
             result = trainer.fit()
         error = getattr(result, "error", None)
+        fatal = read_json(job.fatal_file)
+        if fatal and not error:
+            error = fatal["error"]
         state = "FAILED" if error else ("STOPPED" if job.stop_file.exists() else "SUCCEEDED")
     except KeyboardInterrupt:
         state, error = "STOPPED", "interrupted"
@@ -167,10 +177,8 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
         log.exception("job failed")
     finally:
         _shutdown_ray(address)
-    attempts = (job.path / "attempts.json")
-    from launcher.jobs import read_json
-
-    restarts = max(0, (read_json(attempts, {}) or {}).get("attempts", 1) - 1)
+    record = read_json(job.path / "attempts.json", {}) or {}
+    restarts = prior_restarts + max(0, record.get("attempts", 1) - 1)
     final = job.update_state(state=state, error=str(error) if error else None, restarts=restarts,
                              step=max([r.get("step", 0) for r in job.worker_reports()] + [0]))
     try:

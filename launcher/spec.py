@@ -59,6 +59,7 @@ class DataSpec:
     num_workers: int = 0  # dataloader worker processes per rank
     samples_per_shard: int = 2048
     eval_samples: int = 256
+    record_samples: bool = False  # each rank appends the sample ids of every step to workers/samples_rank<R>.jsonl
 
 
 @dataclass
@@ -97,6 +98,7 @@ class FaultSpec:
     max_restarts: int = 3
     hang_timeout_s: float = 600.0
     nonfinite: str = "skip_step"  # skip_step | stop
+    checkpoint_errors: str = "fail"  # fail | continue (a failed intermediate checkpoint is logged and training goes on)
 
 
 @dataclass

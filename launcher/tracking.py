@@ -87,6 +87,12 @@ def log_artifact(uri: str, run_id: str, path: Path) -> None:
     client(uri).log_artifact(run_id, str(path))
 
 
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    c = client(uri)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v))
+
+
 def set_terminated(uri: str, run_id: str, state: str) -> None:
     status = {"SUCCEEDED": "FINISHED", "STOPPED": "KILLED"}.get(state, "FAILED")
     client(uri).set_terminated(run_id, status)

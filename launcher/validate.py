@@ -11,6 +11,7 @@ CHOICES = {
     "cluster.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "fp32", "bf16", "fp16"),
     "fault.nonfinite": ("skip_step", "stop"),
+    "fault.checkpoint_errors": ("fail", "continue"),
     "parallel.zero": (0, 1, 2),
 }
 

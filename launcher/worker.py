@@ -5,6 +5,7 @@ position (from the newest good checkpoint) -> loop: step, log, evaluate, checkpo
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -61,12 +62,13 @@ def _peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def _count_attempt(job: JobDir) -> int:
-    """Restarts of this job so far (rank 0 counts every start of the worker group)."""
+def _count_attempt(job: JobDir) -> tuple[int, int]:
+    """(attempt index in this driver session, restarts over the job's life); rank 0 counts group starts."""
     path = job.path / "attempts.json"
-    attempts = (read_json(path, {}) or {}).get("attempts", 0) + 1
-    write_json_atomic(path, {"attempts": attempts})
-    return attempts - 1
+    record = read_json(path, {}) or {}
+    record["attempts"] = record.get("attempts", 0) + 1
+    write_json_atomic(path, record)
+    return record["attempts"] - 1, record.get("restarts_before", 0) + record["attempts"] - 1
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -82,7 +84,8 @@ def train_loop(config: dict[str, Any]) -> None:
     dp = data_parallel_size(spec)
     d, t = spec.data, spec.train
     accum = d.global_batch // (d.micro_batch * dp)
-    restarts = _count_attempt(job) if rank == 0 else 0
+    attempt, restarts = _broadcast(_count_attempt(job) if rank == 0 else None)
+    report_worker(job, rank, 0, attempt=attempt)  # alive, still building: the watchdog's clock starts here
 
     torch.manual_seed(t.seed)  # every rank builds identical full-size weights
     cfg = model_config(spec, vocab_size=manifest.vocab_size)
@@ -116,37 +119,66 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     if logger:
         logger.log(step, {"restarts": restarts})
+        tracking.set_tags(config["tracking_uri"], config["run_id"], {"restarts": restarts})
     meta = {"spec_hash": config["spec_hash"], "world": world, "dp": dp, "run_id": config["run_id"]}
     fpt = models.get_spec(cfg.arch).flops_per_token
     flops_per_token = fpt(cfg, d.seq_len) if fpt else None
     peak = _peak_flops(device)
-    report_worker(job, rank, step)
+    report_worker(job, rank, step, attempt=attempt)
 
-    batches = iter(make_loader(stream, d.num_workers))
-    stopped = False
+    batches = iter(make_loader(stream, d.num_workers, with_ids=d.record_samples))
+    samples = SampleLog(job, rank) if d.record_samples else None
+    fatal: str | None = None
+    nonfinite = 0
     try:
         while step < t.steps:
             t0 = time.perf_counter()
-            res = train_step(engine, (next(batches) for _ in range(accum)), device)
+            micro = [next(batches) for _ in range(accum)]
+            if samples:
+                micro = samples.split(micro)
+            res = train_step(engine, micro, device)
             stream.advance_step()
             dt = time.perf_counter() - t0
             tokens_per_s = d.global_batch * d.seq_len / dt
-            metrics = {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, "step_time_s": dt, "tokens_per_s": tokens_per_s}
+            metrics = {"lr": res.lr, "step_time_s": dt, "tokens_per_s": tokens_per_s}
+            if res.finite:
+                metrics.update(loss=res.loss, grad_norm=res.grad_norm)
+            else:
+                nonfinite += 1
+                metrics["nonfinite_steps"] = nonfinite
+                log.warning("step %d: non-finite loss %s or gradient norm %s; the update was skipped (fault.nonfinite=%s)",
+                            step, res.loss, res.grad_norm, spec.fault.nonfinite)
+                if spec.fault.nonfinite == "stop":
+                    good = checkpoint.latest_published(job.checkpoints)
+                    fatal = (f"non-finite loss {res.loss} / gradient norm {res.grad_norm} at step {step} "
+                             f"(fault.nonfinite=stop); newest good checkpoint: {good or 'none'}")
             if peak and flops_per_token:
                 metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world)
             last = step + 1 == t.steps
-            if t.eval_every and ((step + 1) % t.eval_every == 0 or last):
+            if not fatal and t.eval_every and ((step + 1) % t.eval_every == 0 or last):
                 val = val_batches(shards, micro_batch=d.micro_batch, dp_rank=rank, dp_size=dp, max_samples=d.eval_samples)
                 metrics["val_loss"] = eval_loss(engine.module, val, device)
-            if logger and (step % t.log_every == 0 or last or "val_loss" in metrics):
+            if logger and (step % t.log_every == 0 or last or "val_loss" in metrics or not res.finite):
                 logger.log(step, metrics)
+            if fatal:
+                break  # no checkpoint from here: the policy says this run must not go on
             step += 1
-            report_worker(job, rank, step, loss=res.loss)
+            if samples:
+                samples.commit(step, attempt)
+            report_worker(job, rank, step, loss=res.loss, attempt=attempt)
             stopped = _agree(rank == 0 and job.stop_file.exists(), device)
             if last or stopped or (t.checkpoint_every and step % t.checkpoint_every == 0):
                 client = {"step": step, "data": stream.state_dict(), "mlflow_run_id": config["run_id"], "spec_hash": config["spec_hash"]}
-                path = checkpoint.save(engine, job.checkpoints, step, client, meta, keep=t.keep_checkpoints)
-                log.info("checkpoint %s", path)
+                try:
+                    path = checkpoint.save(engine, job.checkpoints, step, client, meta, keep=t.keep_checkpoints)
+                    log.info("checkpoint %s", path)
+                except checkpoint.CheckpointWriteError as e:
+                    log.error("%s", e)
+                    if logger:
+                        logger.log(step, {"checkpoint_failures": 1})
+                    if spec.fault.checkpoint_errors == "fail" or last or stopped:
+                        fatal = f"{e} (fault.checkpoint_errors={spec.fault.checkpoint_errors})"
+                        break
             if stopped:
                 log.info("stop requested: leaving at step %d", step)
                 break
@@ -155,3 +187,24 @@ def train_loop(config: dict[str, Any]) -> None:
             logger.flush()
         if system:
             system.stop()
+    if fatal:
+        log.error("giving up: %s", fatal)
+        if rank == 0:
+            write_json_atomic(job.fatal_file, {"error": fatal, "step": step, "time": time.time()})
+
+
+class SampleLog:
+    """Which global sample ids this rank trained on at each step (`data.record_samples`): an audit
+    trail that shows, across restarts and resizes, that no sample was repeated or skipped."""
+
+    def __init__(self, job: JobDir, rank: int):
+        self.path = job.workers / f"samples_rank{rank}.jsonl"
+        self._ids: list[int] = []
+
+    def split(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        self._ids = [int(i) for _, ids in micro for i in ids]
+        return [tokens for tokens, _ in micro]
+
+    def commit(self, step: int, attempt: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step - 1, "attempt": attempt, "ids": self._ids}) + "\n")

@@ -72,8 +72,67 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written on some rank; nothing was published, older ones are intact."""
+
+
+class _RecordingWrites:
+    """Wraps DeepSpeed's file writes so an I/O error is recorded instead of raised.
+
+    DeepSpeed's save_checkpoint has collectives around its writes (a barrier at the end): a rank
+    that raised out of it would leave its peers waiting there. Every rank instead finishes the
+    call, and the ranks then agree on whether all writes succeeded.
+    """
+
+    def __init__(self, engine):
+        self.engine, self.errors = engine, []
+        self._save, self._copy = engine.checkpoint_engine.save, engine._copy_recovery_script
+
+    def _guard(self, fn, what):
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (OSError, RuntimeError) as e:  # torch.save reports ENOSPC as a RuntimeError
+                self.errors.append(describe_write_error(what(*args), e))
+        return call
+
+    def __enter__(self) -> "_RecordingWrites":
+        self.engine.checkpoint_engine.save = self._guard(self._save, lambda sd, path: path)
+        self.engine._copy_recovery_script = self._guard(self._copy, lambda path: f"{path} (recovery script)")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.checkpoint_engine.save, self.engine._copy_recovery_script = self._save, self._copy
+
+
+def describe_write_error(path: str | Path, e: BaseException) -> str:
+    """The error, and the disk's state when that explains it (torch.save's message does not)."""
+    msg = f"{path}: {e}"
+    try:
+        free = shutil.disk_usage(Path(path).parent if not Path(path).is_dir() else path).free
+    except OSError:
+        return msg
+    if free < 16 << 20 and "No space left" not in msg:
+        msg += f" (No space left on device: {free} bytes free)"
+    return msg
+
+
+def _gather_errors(mine: list[str]) -> list[str]:
+    if not dist.is_initialized():
+        return mine
+    everyone: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, mine)
+    return [f"rank {r}: {e}" for r, errs in enumerate(everyone) for e in errs]
+
+
 def save(engine, root: Path, step: int, client_state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the published directory."""
+    """Collective: every rank calls it. Returns the published directory.
+
+    Raises CheckpointWriteError on every rank if any rank failed to write (disk full, I/O error):
+    the partial directory is removed and the previous checkpoints are untouched.
+    """
+    from parallel import consolidated
+
     root = Path(root)
     name = f"step_{step}"
     tmp_name = f".tmp-{name}"
@@ -82,22 +141,69 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], meta: dict
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tmp_name, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
-    _barrier()
+    tensors, trainer = consolidated.gather(engine)  # collectives first, so no write sits between them
+    with _RecordingWrites(engine) as writes:
+        engine.save_checkpoint(str(root), tag=tmp_name, client_state=client_state, save_latest=False)
+    errors = writes.errors
+    try:
+        torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        consolidated.write(tmp / "consolidated", tensors, trainer)
+    except (OSError, RuntimeError) as e:
+        errors.append(describe_write_error(tmp, e))
+    errors = _gather_errors(errors)
     final = root / name
+    if not errors and _rank() == 0:
+        try:
+            _publish(tmp, final, root, {"step": step, **meta})
+        except OSError as e:
+            errors.append("rank 0: publishing " + describe_write_error(final, e))
+    errors = _broadcast_errors(errors)
+    if errors:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        good = latest_published(root)
+        raise CheckpointWriteError(
+            f"checkpoint {final} was not written ({'; '.join(errors[:4])}); "
+            f"the newest good checkpoint is still {good if good else 'none'}"
+        )
     if _rank() == 0:
-        _fsync_tree(tmp)
-        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "files": files, **meta}, indent=1))
-        if final.exists():  # a re-run of the same step after a restart: the new one replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / "latest", name)
         _prune(root, keep)
     _barrier()
     return final
+
+
+def _broadcast_errors(errors: list[str]) -> list[str]:
+    if not dist.is_initialized():
+        return errors
+    box = [errors]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _publish(tmp: Path, final: Path, root: Path, manifest: dict[str, Any]) -> None:
+    """Manifest last inside the directory, then the rename, then `latest`: a crash at any point
+    leaves either the old set of checkpoints or the new one, never a half-written one that loads."""
+    _fsync_tree(tmp)
+    files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    _write_atomic(tmp / MANIFEST, json.dumps({**manifest, "files": files}, indent=1))
+    trash = root / f".trash-{final.name}"
+    if final.exists():  # the same step written again after a restart: the new one replaces it
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_atomic(root / "latest", final.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -161,14 +267,35 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def load(engine, path: Path) -> dict[str, Any]:
-    """Collective: load engine + optimizer + scheduler state and this rank's RNG; returns the client state."""
+    """Collective: load engine, optimizer and scheduler state and this rank's RNG; returns the client state.
+
+    Same data-parallel size as when written: DeepSpeed's own checkpoint (bitwise exact). Another
+    size (elastic resume): the consolidated export, re-partitioned by this engine.
+    """
+    from parallel import consolidated
+
     path = Path(path)
-    _, client = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if client is None:
-        raise RuntimeError(f"checkpoint {path} could not be loaded by DeepSpeed")
+    written_dp = read_manifest(path).get("dp")
+    dp = engine.dp_world_size
+    if written_dp in (None, dp):
+        _, client = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if client is None:
+            raise RuntimeError(f"checkpoint {path} could not be loaded by DeepSpeed")
+    else:
+        log.info("checkpoint %s was written with dp=%s; loading its consolidated state into dp=%d", path, written_dp, dp)
+        consolidated.load(engine, path / "consolidated")
+        client = _client_state(path)
     rng = path / f"rng_rank{_rank()}.pt"
-    if rng.is_file():
+    if rng.is_file() and written_dp in (None, dp):
         set_rng_state(torch.load(rng, weights_only=False))
     return client
+
+
+def _client_state(path: Path) -> dict[str, Any]:
+    """Our keys of DeepSpeed's model-states file (it stores client_state at its top level)."""
+    states = min(path.rglob("mp_rank_*_model_states.pt"))
+    sd = torch.load(states, map_location="cpu", weights_only=False)
+    ours = ("step", "data", "mlflow_run_id", "spec_hash")
+    return {k: sd[k] for k in ours if k in sd}

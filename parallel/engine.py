@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from parallel.optimizer import FiniteAdamW
 from parallel.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,11 @@ def deepspeed_config(cfg: EngineConfig) -> dict:
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch * cfg.grad_accum * cfg.dp,
-        "gradient_clipping": cfg.grad_clip,
+        # Without ZeRO our optimizer clips (and reports the norm); ZeRO clips inside DeepSpeed.
+        "gradient_clipping": cfg.grad_clip if cfg.zero > 0 else 0.0,
         "zero_optimization": {"stage": cfg.zero},
+        # FiniteAdamW is torch's AdamW plus a finiteness check; DeepSpeed only knows it by class.
+        "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -69,8 +73,9 @@ def build_engine(model: nn.Module, cfg: EngineConfig, mpu=None):
     import deepspeed
 
     _skip_cpu_shm_build()
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    optimizer = FiniteAdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        max_norm=cfg.grad_clip if cfg.zero == 0 else 0.0,
     )
     schedule = functools.partial(
         warmup_cosine, warmup_steps=cfg.warmup_steps, total_steps=cfg.total_steps, min_ratio=cfg.min_lr_ratio

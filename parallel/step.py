@@ -10,10 +10,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy, computed in fp32 whatever the compute dtype."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -38,10 +34,20 @@ class StepResult:
     loss: float  # mean over micro-batches and data-parallel ranks
     grad_norm: float
     lr: float
+    skipped: bool = False  # the optimizer refused the update (non-finite gradients): weights unchanged
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm) and not self.skipped
 
 
 def train_step(engine, micro_batches: Iterable[torch.Tensor], device: torch.device) -> StepResult:
-    """Forward/backward every micro-batch (the engine accumulates and reduces), then one optimizer step."""
+    """Forward/backward every micro-batch (the engine accumulates and reduces), then one optimizer step.
+
+    A non-finite loss or gradient never reaches the weights: the optimizer skips the update and
+    `skipped` says so; what to do next (`fault.nonfinite`) is the caller's policy.
+    """
+    skipped_before = engine.skipped_steps
     total, n = 0.0, 0
     for batch in micro_batches:
         inputs, targets = split_batch(batch, device)
@@ -51,11 +57,9 @@ def train_step(engine, micro_batches: Iterable[torch.Tensor], device: torch.devi
         total += loss.item()
         n += 1
     loss = _all_mean(total / n, device)
-    if not math.isfinite(loss):
-        raise NonFiniteLoss(f"non-finite loss {loss} at step {engine.global_steps}")
     norm = engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else float("nan")
-    return StepResult(loss=loss, grad_norm=norm, lr=engine.get_lr()[0])
+    return StepResult(loss=loss, grad_norm=norm, lr=engine.get_lr()[0], skipped=engine.skipped_steps > skipped_before)
 
 
 @torch.no_grad()

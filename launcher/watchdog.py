@@ -1,0 +1,66 @@
+"""Driver-side watchdog: turns a silent rank into a dead one, so Ray Train's failure handling restarts the group.
+
+A rank that stops making progress (SIGSTOP, a deadlocked collective, a stuck filesystem) never
+raises; its heartbeat file (`workers/rank<R>.json`, rewritten every step) just ages. Past
+`fault.hang_timeout_s` the watchdog kills that process; its peers then fail their collectives,
+Ray Train tears the group down and starts a new one from the newest good checkpoint.
+It also keeps `state.json` between RUNNING and RESTARTING as worker groups come and go.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+from launcher.jobs import JobDir, pid_alive, read_json
+
+log = logging.getLogger("lmforge.watchdog")
+
+
+class Watchdog:
+    def __init__(self, job: JobDir, hang_timeout_s: float, poll_s: float | None = None):
+        self.job, self.timeout = job, hang_timeout_s
+        self.poll = poll_s if poll_s is not None else min(5.0, max(0.5, hang_timeout_s / 10))
+        self.kills: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lmforge-watchdog", daemon=True)
+        self._host = socket.gethostname()
+
+    def __enter__(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _attempts(self) -> int:
+        return (read_json(self.job.path / "attempts.json", {}) or {}).get("attempts", 0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll):
+            attempts = self._attempts()
+            reports = self.job.worker_reports()
+            current = [r for r in reports if r.get("attempt") == attempts - 1]
+            state = self.job.read_state().get("state")
+            local_dead = any(r["host"] == self._host and not pid_alive(r["pid"]) for r in current)
+            if state == "RUNNING" and (local_dead or (attempts > 1 and not current)):
+                self.job.update_state(state="RESTARTING")
+            elif current and state == "RESTARTING":
+                self.job.update_state(state="RUNNING")
+            now = time.time()
+            for r in reports:
+                if now - r["heartbeat"] > self.timeout and r["host"] == self._host and pid_alive(r["pid"]):
+                    self._kill(r, now - r["heartbeat"])
+
+    def _kill(self, report: dict, silent_s: float) -> None:
+        log.warning("rank %d (pid %d) sent no heartbeat for %.0f s > fault.hang_timeout_s=%.0f: killing it",
+                    report["rank"], report["pid"], silent_s, self.timeout)
+        try:
+            os.kill(report["pid"], signal.SIGKILL)  # also ends a SIGSTOPped process
+        except ProcessLookupError:
+            return
+        self.kills.append({**report, "silent_s": silent_s, "killed_at": time.time()})

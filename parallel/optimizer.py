@@ -1,0 +1,43 @@
+"""AdamW that refuses a non-finite update: the skip_step half of `fault.nonfinite`.
+
+DeepSpeed's ZeRO 1/2 optimizer already skips a step whose gradient norm is not finite (its
+`overflow` flag) and reports the norm. Without ZeRO the engine calls the optimizer directly, so
+a NaN gradient would reach the weights and Adam's moments, and no norm is reported. For that
+case this optimizer clips itself (`max_norm`; DeepSpeed's own clipping is then turned off),
+records `_global_grad_norm`, and raises the same `overflow` flag on a non-finite gradient
+(agreed over the process group: every rank must skip together), which the engine reads to
+skip the LR-schedule step as well.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class FiniteAdamW(torch.optim.AdamW):
+    def __init__(self, params, *, max_norm: float = 0.0, **kwargs):  # noqa: ANN001 - torch's params type
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self.overflow = False
+        self._global_grad_norm: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return super().step(closure)
+        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum().reshape(1)
+        if dist.is_initialized():
+            # Gradients are already reduced over data parallel; MAX makes every rank agree on a NaN.
+            dist.all_reduce(sq, op=dist.ReduceOp.MAX)
+        norm = sq.sqrt().item()
+        self._global_grad_norm = norm
+        self.overflow = not torch.isfinite(sq).item()
+        if self.overflow:
+            return None
+        if self.max_norm > 0:
+            coef = self.max_norm / (norm + 1e-6)
+            if coef < 1:
+                for g in grads:
+                    g.mul_(coef)
+        return super().step(closure)
