@@ -25,7 +25,7 @@ def _sets(home: Path, **extra) -> list[str]:
 
 def _final_params(home: Path, name: str) -> dict[str, torch.Tensor]:
     ckpt = home / "runs" / name / "checkpoints" / f"step_{STEPS}"
-    (states,) = list(ckpt.glob("*/mp_rank_00_model_states.pt"))
+    states = ckpt / "mp_rank_00_model_states.pt"
     return torch.load(states, map_location="cpu", weights_only=False)["module"]
 
 
