@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "ops_tests"))  # spawn_ranks: the same gloo harness the tests use
+# The project first (ops_tests/ has folders named like its packages), then the tests' gloo harness (spawn_ranks).
+sys.path[:0] = [str(ROOT)]
+sys.path.append(str(ROOT / "ops_tests"))
 
 # Smaller batches for the larger model keep a CPU step in seconds; the checkpoint size does not depend on them.
 BATCH = {"tiny": (16, 8), "125m": (2, 1)}

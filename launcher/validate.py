@@ -121,6 +121,18 @@ def model_config(spec: JobSpec, vocab_size: int):
     """The architecture's config for this spec (vocab from the data, context from data.seq_len)."""
     import models
 
-    overrides = dict(spec.model.overrides)
+    overrides = _typed_overrides(spec.model.arch, spec.model.overrides)
     overrides.setdefault("max_seq_len", spec.data.seq_len)
     return models.make_config(spec.model.arch, spec.model.preset, vocab_size=vocab_size, **overrides)
+
+
+def _typed_overrides(arch: str, overrides: dict) -> dict:
+    """`model.<field>` values checked against the arch config's annotations, with the spec's own
+    coercions (YAML 1.1 and `--set` read `1e30` as a string)."""
+    import typing
+
+    import models
+    from launcher.spec import _coerce
+
+    hints = typing.get_type_hints(models.get_spec(arch).config_cls)
+    return {k: _coerce(v, hints[k], f"model.{k}") if k in hints else v for k, v in overrides.items()}

@@ -150,8 +150,8 @@ def train_loop(config: dict[str, Any]) -> None:
                             step, res.loss, res.grad_norm, spec.fault.nonfinite)
                 if spec.fault.nonfinite == "stop":
                     good = checkpoint.latest_published(job.checkpoints)
-                    fatal = (f"non-finite loss {res.loss} / gradient norm {res.grad_norm} at step {step} "
-                             f"(fault.nonfinite=stop); newest good checkpoint: {good or 'none'}")
+                    fatal = (f"non-finite loss or gradient at step {step} (loss {res.loss}, gradient norm "
+                             f"{res.grad_norm}; fault.nonfinite=stop); newest good checkpoint: {good or 'none'}")
             if peak and flops_per_token:
                 metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world)
             last = step + 1 == t.steps

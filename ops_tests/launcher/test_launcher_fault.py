@@ -119,3 +119,29 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     assert f"resumed from {newest.parent / 'step_10'} at step 10" in rank0
     assert status("torn", home)["step"] == 25
     assert sorted(_losses(home, "torn")) == list(range(25))
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip_step"])
+def test_nonfinite_loss_follows_the_policy(tmp_path, policy):
+    """A model whose init overflows (init_std=1e30) gives non-finite gradients at every step: a real divergence."""
+    from mlflow.tracking import MlflowClient
+
+    home, steps = tmp_path, 6
+    r = launcher("submit", str(LOCAL), "--name", "nan", *_sets(home, **{
+        "train.steps": steps, "train.checkpoint_every": 2, "model.init_std": 1e30, "fault.nonfinite": policy}), home=home)
+    st = status("nan", home)
+    ckpts = home / "runs" / "nan" / "checkpoints"
+    history = MlflowClient(st["mlflow"]["tracking_uri"]).get_metric_history(st["mlflow"]["run_id"], "nonfinite_steps")
+    if policy == "stop":
+        assert r.returncode != 0 and st["state"] == "FAILED" and st["restarts"] == 0, st  # a NaN is not retried
+        assert "non-finite loss or gradient at step 0" in st["error"] and "fault.nonfinite=stop" in st["error"], st["error"]
+        assert "non-finite" in r.stdout + r.stderr
+        assert not list(ckpts.glob("step_*")), "a checkpoint was written from the bad state"
+        assert [m.value for m in history] == [1]
+    else:
+        assert r.returncode == 0 and st["state"] == "SUCCEEDED" and st["step"] == steps, st
+        assert sorted(m.value for m in history) == list(range(1, steps + 1))
+        # every update was refused, so the checkpoints hold the initial weights
+        first, last = (torch.load(ckpts / f"step_{s}" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+                       for s in (2, steps))
+        assert all(torch.equal(first[k], v) for k, v in last.items())
