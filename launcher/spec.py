@@ -98,6 +98,7 @@ class FaultSpec:
     max_restarts: int = 3
     hang_timeout_s: float = 600.0
     nonfinite: str = "skip_step"  # skip_step | stop
+    restart_backoff_s: float = 1.0  # the n-th restart of a driver session waits restart_backoff_s * 2**(n-1), at most 60 s
     checkpoint_errors: str = "fail"  # fail | continue (a failed intermediate checkpoint is logged and training goes on)
 
 

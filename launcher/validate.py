@@ -73,6 +73,7 @@ def validate(spec: JobSpec) -> None:
     _positive(spec, ["train.eval_every", "train.checkpoint_every", "optim.warmup_steps"], 0)
     _positive(spec, ["optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "fault.max_restarts"], 0)
     _positive(spec, ["fault.hang_timeout_s"], 1)
+    _positive(spec, ["fault.restart_backoff_s"], 0)
     if not spec.optim.lr > 0:
         raise SpecError("optim.lr", f"must be > 0, got {spec.optim.lr}")
     if spec.optim.min_lr_ratio > 1:

@@ -85,6 +85,11 @@ def train_loop(config: dict[str, Any]) -> None:
     d, t = spec.data, spec.train
     accum = d.global_batch // (d.micro_batch * dp)
     attempt, restarts = _broadcast(_count_attempt(job) if rank == 0 else None)
+    if attempt:
+        # Back off before rebuilding: a failure with an outside cause (a node, the filesystem) gets time to clear.
+        wait = min(spec.fault.restart_backoff_s * 2 ** (attempt - 1), 60.0, spec.fault.hang_timeout_s / 2)
+        log.warning("restart %d of this run: waiting %.1f s before resuming", attempt, wait)
+        time.sleep(wait)
     report_worker(job, rank, 0, attempt=attempt)  # alive, still building: the watchdog's clock starts here
 
     torch.manual_seed(t.seed)  # every rank builds identical full-size weights

@@ -69,6 +69,8 @@ def test_sigkill_restarts_and_resumes_bitwise(reference, tmp_path):
     final = _wait("victim", home, lambda s: s["state"] in ("SUCCEEDED", "FAILED", "STOPPED"), timeout_s=600)
     assert final["state"] == "SUCCEEDED" and final["restarts"] >= 1 and final["step"] == STEPS, final
     assert victim["pid"] not in {w["pid"] for w in final["workers"]}  # a new worker group did the rest
+    rank0 = (home / "runs" / "victim" / "logs" / "rank0.log").read_text()
+    assert "restart 1 of this run: waiting 1.0 s before resuming" in rank0  # fault.restart_backoff_s, doubling
 
     got = _final_params(home, "victim")
     assert got.keys() == reference["params"].keys()

@@ -1,0 +1,153 @@
+"""Megatron-style tensor parallelism on plain tensors: explicit autograd collectives, column- and
+row-parallel linears, a vocab-parallel embedding and a vocab-parallel cross-entropy.
+
+Layers are made from full-size, already initialised modules by slicing (`from_full`), so every
+layout starts from the same weights as one process.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _rank_world(group) -> tuple[int, int]:  # noqa: ANN001 - a torch ProcessGroup
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward, all-reduce of the gradient backward (the input of a column-parallel layer)."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # noqa: ANN001
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward, identity backward (the output of a row-parallel layer)."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # noqa: ANN001
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        return grad, None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+    return _ReduceFromTP.apply(x, group)
+
+
+def _shard(t: torch.Tensor, dim: int, group) -> torch.Tensor:  # noqa: ANN001
+    rank, world = _rank_world(group)
+    if t.shape[dim] % world:
+        raise ValueError(f"dimension {dim} of size {t.shape[dim]} is not divisible by tp={world}")
+    return t.chunk(world, dim=dim)[rank].clone()
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x W_local^T: the output features are split over the TP ranks."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):  # noqa: ANN001
+        super().__init__()
+        self.group = group
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+
+    @classmethod
+    def from_full(cls, full: nn.Linear, group) -> "ColumnParallelLinear":  # noqa: ANN001
+        bias = _shard(full.bias.data, 0, group) if full.bias is not None else None
+        return cls(_shard(full.weight.data, 0, group), bias, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over TP ranks of x_local W_local^T: the input features are split, outputs all-reduced."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):  # noqa: ANN001
+        super().__init__()
+        self.group = group
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None  # added once, after the reduction
+
+    @classmethod
+    def from_full(cls, full: nn.Linear, group) -> "RowParallelLinear":  # noqa: ANN001
+        bias = full.bias.data.clone() if full.bias is not None else None
+        return cls(_shard(full.weight.data, 1, group), bias, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each TP rank holds a contiguous slice of the vocabulary; rows it does not hold contribute zero."""
+
+    def __init__(self, weight: torch.Tensor, vocab_start: int, group):  # noqa: ANN001
+        super().__init__()
+        self.group, self.vocab_start = group, vocab_start
+        self.weight = nn.Parameter(weight)
+
+    @classmethod
+    def from_full(cls, full: nn.Embedding, group) -> "VocabParallelEmbedding":  # noqa: ANN001
+        rank, world = _rank_world(group)
+        shard = _shard(full.weight.data, 0, group)
+        return cls(shard, rank * shard.shape[0], group)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over logits split on the vocabulary: only [tokens] scalars cross ranks."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_start, group):  # noqa: ANN001
+        logits = logits.float()
+        local_max = logits.max(dim=-1).values
+        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - local_max.unsqueeze(-1)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        local = targets - vocab_start
+        mine = (local >= 0) & (local < logits.shape[-1])
+        idx = local.clamp(0, logits.shape[-1] - 1)
+        target_logit = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * mine
+        dist.all_reduce(target_logit, group=group)
+        loss = sum_exp.log() - target_logit
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), idx, mine)
+        return loss.mean()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        softmax, idx, mine = ctx.saved_tensors
+        g = softmax.clone()
+        g.scatter_add_(-1, idx.unsqueeze(-1), -mine.to(g.dtype).unsqueeze(-1))
+        return g * (grad / idx.numel()), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group) -> torch.Tensor:  # noqa: ANN001
+    """Equals F.cross_entropy(full_logits.flatten(0, -2), targets.flatten()) without gathering the logits."""
+    return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, group)
