@@ -157,9 +157,19 @@ PRESETS: dict[str, dict] = {
     "1.3b": dict(d_model=2048, n_layers=24, n_heads=16),  # head_dim 128
 }
 
+# Megatron's layout: q/k/v and gate/up split by output (whole heads), o and down by input; the
+# vocabulary split for the embedding and the head (its logits stay sharded into the loss).
+TP_PLAN = {
+    "tok_embeddings": "vocab",
+    "layers.*.attn.wq": "colwise", "layers.*.attn.wk": "colwise", "layers.*.attn.wv": "colwise",
+    "layers.*.attn.wo": "rowwise",
+    "layers.*.mlp.w_gate": "colwise", "layers.*.mlp.w_up": "colwise", "layers.*.mlp.w_down": "rowwise",
+    "output": "colwise",
+}
+
 register(
     ModelSpec(
         name="transformer", config_cls=TransformerConfig, presets=PRESETS, model_cls=Transformer,
-        num_params=num_params, flops_per_token=flops_per_token,
+        tp_plan=TP_PLAN, num_params=num_params, flops_per_token=flops_per_token,
     )
 )

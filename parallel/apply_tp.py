@@ -1,0 +1,48 @@
+"""Apply a model's tensor-parallel plan: swap the named submodules for their sharded versions.
+
+A plan maps submodule-name patterns (fnmatch) to a style: `colwise` and `rowwise` linears,
+`vocab` for the embedding. The output head is `colwise` on the vocabulary: its logits stay sharded
+and the loss is `vocab_parallel_cross_entropy`. Weights are sliced from the full-size module, so
+a sharded model starts exactly where the single-device one does.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+from torch import nn
+
+from parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+STYLES = {"colwise": ColumnParallelLinear, "rowwise": RowParallelLinear, "vocab": VocabParallelEmbedding}
+
+
+def _style(plan: dict[str, str], name: str) -> str | None:
+    hits = [style for pattern, style in plan.items() if fnmatch.fnmatchcase(name, pattern)]
+    if len(hits) > 1:
+        raise ValueError(f"tensor-parallel plan matches {name!r} more than once")
+    return hits[0] if hits else None
+
+
+def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group) -> nn.Module:  # noqa: ANN001
+    """In place; returns the model. Tied weights (embedding and head) stay tied."""
+    for style in plan.values():
+        if style not in STYLES:
+            raise ValueError(f"unknown tensor-parallel style {style!r}; allowed: {', '.join(STYLES)}")
+    shared = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            shared.setdefault(id(module.weight), []).append(name)
+    swapped = {}
+    for name, module in list(model.named_modules()):
+        style = _style(plan, name)
+        if style is None:
+            continue
+        new = STYLES[style].from_full(module, group)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        swapped[name] = new
+    for names in shared.values():  # re-tie: both sides hold the same vocabulary rows
+        if len(names) > 1 and all(n in swapped for n in names):
+            for n in names[1:]:
+                swapped[n].weight = swapped[names[0]].weight
+    return model
