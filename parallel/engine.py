@@ -76,6 +76,7 @@ def build_engine(model: nn.Module, cfg: EngineConfig, mpu=None):
     optimizer = FiniteAdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         max_norm=cfg.grad_clip if cfg.zero == 0 else 0.0,
+        tp_group=mpu.get_model_parallel_group() if mpu is not None and mpu.get_model_parallel_world_size() > 1 else None,
     )
     schedule = functools.partial(
         warmup_cosine, warmup_steps=cfg.warmup_steps, total_steps=cfg.total_steps, min_ratio=cfg.min_lr_ratio

@@ -15,18 +15,27 @@ import torch.distributed as dist
 
 
 class FiniteAdamW(torch.optim.AdamW):
-    def __init__(self, params, *, max_norm: float = 0.0, **kwargs):  # noqa: ANN001 - torch's params type
+    def __init__(self, params, *, max_norm: float = 0.0, tp_group=None, **kwargs):  # noqa: ANN001 - torch's types
         super().__init__(params, **kwargs)
-        self.max_norm = max_norm
+        self.max_norm, self.tp_group = max_norm, tp_group
         self.overflow = False
         self._global_grad_norm: float | None = None
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
             return super().step(closure)
-        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum().reshape(1)
+        grads = [p.grad for p in params]
+        # A TP-sharded parameter's squares are summed over the TP group; a replicated one counts once.
+        sharded = torch.zeros(1, device=grads[0].device)
+        replicated = torch.zeros(1, device=grads[0].device)
+        for p in params:
+            acc = sharded if getattr(p, "tensor_model_parallel", False) else replicated
+            acc += p.grad.float().pow(2).sum()
+        if self.tp_group is not None:
+            dist.all_reduce(sharded, group=self.tp_group)
+        sq = sharded + replicated
         if dist.is_initialized():
             # Gradients are already reduced over data parallel; MAX makes every rank agree on a NaN.
             dist.all_reduce(sq, op=dist.ReduceOp.MAX)

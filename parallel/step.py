@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +41,8 @@ class StepResult:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm) and not self.skipped
 
 
-def train_step(engine, micro_batches: Iterable[torch.Tensor], device: torch.device) -> StepResult:
+def train_step(engine, micro_batches: Iterable[torch.Tensor], device: torch.device,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss) -> StepResult:
     """Forward/backward every micro-batch (the engine accumulates and reduces), then one optimizer step.
 
     A non-finite loss or gradient never reaches the weights: the optimizer skips the update and
@@ -51,7 +52,7 @@ def train_step(engine, micro_batches: Iterable[torch.Tensor], device: torch.devi
     total, n = 0.0, 0
     for batch in micro_batches:
         inputs, targets = split_batch(batch, device)
-        loss = lm_loss(engine(inputs), targets)
+        loss = loss_fn(engine(inputs), targets)
         engine.backward(loss)
         engine.step()  # a no-op except at the accumulation boundary
         total += loss.item()

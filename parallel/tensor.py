@@ -53,6 +53,14 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
     return _ReduceFromTP.apply(x, group)
 
 
+def mark_sharded(p: nn.Parameter, dim: int) -> nn.Parameter:
+    """Tag a TP-sharded parameter: DeepSpeed (`model_parallel`, `tensor_model_parallel`) then counts
+    it on every TP rank in the gradient norm, replicated ones once; `tp_shard_dim` says how to gather it."""
+    p.model_parallel = p.tensor_model_parallel = True
+    p.tp_shard_dim = dim
+    return p
+
+
 def _shard(t: torch.Tensor, dim: int, group) -> torch.Tensor:  # noqa: ANN001
     rank, world = _rank_world(group)
     if t.shape[dim] % world:
@@ -66,8 +74,8 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):  # noqa: ANN001
         super().__init__()
         self.group = group
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.weight = mark_sharded(nn.Parameter(weight), 0)
+        self.bias = mark_sharded(nn.Parameter(bias), 0) if bias is not None else None
 
     @classmethod
     def from_full(cls, full: nn.Linear, group) -> "ColumnParallelLinear":  # noqa: ANN001
@@ -84,8 +92,8 @@ class RowParallelLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):  # noqa: ANN001
         super().__init__()
         self.group = group
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias) if bias is not None else None  # added once, after the reduction
+        self.weight = mark_sharded(nn.Parameter(weight), 1)
+        self.bias = nn.Parameter(bias) if bias is not None else None  # replicated, added once after the reduction
 
     @classmethod
     def from_full(cls, full: nn.Linear, group) -> "RowParallelLinear":  # noqa: ANN001
@@ -103,7 +111,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, weight: torch.Tensor, vocab_start: int, group):  # noqa: ANN001
         super().__init__()
         self.group, self.vocab_start = group, vocab_start
-        self.weight = nn.Parameter(weight)
+        self.weight = mark_sharded(nn.Parameter(weight), 0)
 
     @classmethod
     def from_full(cls, full: nn.Embedding, group) -> "VocabParallelEmbedding":  # noqa: ANN001
@@ -151,3 +159,20 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group) -> torch.Tensor:  # noqa: ANN001
     """Equals F.cross_entropy(full_logits.flatten(0, -2), targets.flatten()) without gathering the logits."""
     return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, group)
+
+
+def gather_full(p: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+    """The full tensor of a (possibly) TP-sharded parameter; collective over the TP group."""
+    dim = getattr(p, "tp_shard_dim", None)
+    if dim is None or group is None or dist.get_world_size(group) == 1:
+        return p.detach().clone()
+    parts = [torch.empty_like(p) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, p.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def vocab_parallel_loss(group):  # noqa: ANN001
+    """An `lm_loss`-shaped function for vocab-sharded logits (the TP head)."""
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, targets, dist.get_rank(group) * logits.shape[-1], group)
+    return loss
