@@ -20,6 +20,17 @@ from launcher.jobs import JobDir, pid_alive, read_json
 log = logging.getLogger("lmforge.watchdog")
 
 
+def wrote_report(report: dict) -> bool:
+    """The report's pid is alive and is the process that wrote it: a dead rank's pid may be reused
+    by an unrelated process, which started after the report's heartbeat."""
+    import psutil
+
+    try:
+        return psutil.Process(report["pid"]).create_time() <= report["heartbeat"]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 class Watchdog:
     def __init__(self, job: JobDir, hang_timeout_s: float, poll_s: float | None = None):
         self.job, self.timeout = job, hang_timeout_s
@@ -53,7 +64,7 @@ class Watchdog:
                 self.job.update_state(state="RUNNING")
             now = time.time()
             for r in reports:
-                if now - r["heartbeat"] > self.timeout and r["host"] == self._host and pid_alive(r["pid"]):
+                if now - r["heartbeat"] > self.timeout and r["host"] == self._host and wrote_report(r):
                     self._kill(r, now - r["heartbeat"])
 
     def _kill(self, report: dict, silent_s: float) -> None:
