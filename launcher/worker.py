@@ -174,6 +174,9 @@ def train_loop(config: dict[str, Any]) -> None:
             stopped = _agree(rank == 0 and job.stop_file.exists(), device)
             if last or stopped or (t.checkpoint_every and step % t.checkpoint_every == 0):
                 client = {"step": step, "data": stream.state_dict(), "mlflow_run_id": config["run_id"], "spec_hash": config["spec_hash"]}
+                if logger:
+                    # Metrics up to a checkpoint must be stored before it: a restart re-logs only the steps after it.
+                    logger.flush()
                 try:
                     path = checkpoint.save(engine, job.checkpoints, step, client, meta, keep=t.keep_checkpoints)
                     log.info("checkpoint %s", path)
