@@ -11,61 +11,39 @@ import torch.distributed as dist
 from parallel.topology import ProcessGroups
 
 
+def _axis(group: str):
+    """(group, rank, world size) getters of one of our groups, in DeepSpeed's method shape."""
+    return (lambda self: self.groups[group],
+            lambda self: dist.get_rank(self.groups[group]),
+            lambda self: dist.get_world_size(self.groups[group]))
+
+
 class MPU:
     def __init__(self, groups: ProcessGroups):
         self.groups = groups
         self.topology = groups.topology
 
-    def _rank(self, name: str) -> int:
-        return dist.get_rank(self.groups[name])
-
-    def _size(self, name: str) -> int:
-        return dist.get_world_size(self.groups[name])
-
     # tensor / model parallel
-    def get_model_parallel_group(self):  # noqa: ANN201 - torch ProcessGroup
-        return self.groups["tp"]
-
-    def get_model_parallel_rank(self) -> int:
-        return self._rank("tp")
-
-    def get_model_parallel_world_size(self) -> int:
-        return self._size("tp")
-
-    get_tensor_model_parallel_group = get_model_parallel_group
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_slice_parallel_group = get_model_parallel_group
-    get_slice_parallel_rank = get_model_parallel_rank
-    get_slice_parallel_world_size = get_model_parallel_world_size
+    get_model_parallel_group, get_model_parallel_rank, get_model_parallel_world_size = _axis("tp")
+    get_tensor_model_parallel_group = get_slice_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_slice_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_slice_parallel_world_size = get_model_parallel_world_size
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return dist.get_rank() - self._rank("tp")
+        return dist.get_rank() - self.get_model_parallel_rank()
 
     # data parallel (over dp×cp: what gradients are reduced over)
-    def get_data_parallel_group(self):  # noqa: ANN201
-        return self.groups["dp_cp"]
-
-    def get_data_parallel_rank(self) -> int:
-        return self._rank("dp_cp")
-
-    def get_data_parallel_world_size(self) -> int:
-        return self._size("dp_cp")
+    get_data_parallel_group, get_data_parallel_rank, get_data_parallel_world_size = _axis("dp_cp")
+    get_sequence_data_parallel_group = get_data_parallel_group
+    get_sequence_data_parallel_rank = get_data_parallel_rank
+    get_sequence_data_parallel_world_size = get_data_parallel_world_size
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         rank = dist.get_rank()
         return next(g for g in self.topology.groups("dp", "cp") if rank in g)
 
     # pipeline (trivial here: DeepSpeed's PipelineModule brings its own)
-    def get_pipe_parallel_group(self):  # noqa: ANN201
-        return self.groups["pp"]
-
-    def get_pipe_parallel_rank(self) -> int:
-        return self._rank("pp")
-
-    def get_pipe_parallel_world_size(self) -> int:
-        return self._size("pp")
-
+    get_pipe_parallel_group, get_pipe_parallel_rank, get_pipe_parallel_world_size = _axis("pp")
     get_pipeline_model_parallel_group = get_pipe_parallel_group
     get_pipeline_model_parallel_rank = get_pipe_parallel_rank
     get_pipeline_model_parallel_world_size = get_pipe_parallel_world_size
@@ -76,12 +54,3 @@ class MPU:
 
     def get_sequence_parallel_rank(self) -> int:
         return 0
-
-    def get_sequence_data_parallel_world_size(self) -> int:
-        return self.get_data_parallel_world_size()
-
-    def get_sequence_data_parallel_rank(self) -> int:
-        return self.get_data_parallel_rank()
-
-    def get_sequence_data_parallel_group(self):  # noqa: ANN201
-        return self.get_data_parallel_group()
