@@ -45,6 +45,7 @@ class ParallelSpec:
     ep: int = 1
     zero: int = 1
     sequence_parallel: bool = False
+    pipeline_partition: str = "parameters"  # parameters | uniform: how blocks are split into pp stages
 
 
 @dataclass
@@ -84,6 +85,7 @@ class TrainSpec:
     seed: int = 0
     log_every: int = 1
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (pipeline stages)
 
 
 @dataclass

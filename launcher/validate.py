@@ -13,6 +13,7 @@ CHOICES = {
     "fault.nonfinite": ("skip_step", "stop"),
     "fault.checkpoint_errors": ("fail", "continue"),
     "parallel.zero": (0, 1, 2),
+    "parallel.pipeline_partition": ("parameters", "uniform"),
 }
 
 # Layout degrees whose implementation has not landed yet: refused with the reason, never ignored.

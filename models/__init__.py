@@ -1,5 +1,5 @@
 """Single-device math of the architectures, their configs and presets, behind one registry."""
-from models.registry import ModelSpec, build, get_spec, make_config, names, register
+from models.registry import ModelSpec, PipeBlock, build, get_spec, make_config, names, register
 import models.transformer  # noqa: F401  (registers "transformer")
 
-__all__ = ["ModelSpec", "build", "get_spec", "make_config", "names", "register"]
+__all__ = ["ModelSpec", "PipeBlock", "build", "get_spec", "make_config", "names", "register"]

@@ -16,13 +16,28 @@ from torch import nn
 
 
 @dataclass
+class PipeBlock:
+    """One entry of a model's ordered block list, the unit of pipeline-stage partitioning.
+
+    `module` holds the parameters; `forward(module, x)` runs the block (None: `module(x)`).
+    Blocks with the same `tie` key share one `module` (e.g. embedding and tied output head) and
+    live on every stage that uses them, their gradients summed across those stages. A block may
+    return `(x, aux_loss)`: auxiliary losses travel with the activations to the loss.
+    """
+
+    module: nn.Module
+    forward: Callable[[nn.Module, torch.Tensor], Any] | None = None
+    tie: str | None = None
+
+
+@dataclass
 class ModelSpec:
     name: str
     config_cls: type
     presets: dict[str, dict]  # preset name -> config field overrides
     model_cls: type[nn.Module]
     tp_plan: dict[str, str] | None = None  # submodule-name pattern -> "colwise" | "rowwise" | "vocab"
-    pipeline_blocks: Callable | None = None  # model -> ordered list of blocks for pipeline stages
+    pipeline_blocks: Callable[[nn.Module], list[PipeBlock]] | None = None  # model -> its forward as an ordered block list
     cp_core: str | None = None  # submodule-name pattern of the sequence-mixing core swapped for context parallel
     expert_bank: str | None = None  # submodule-name pattern of the expert bank swapped for expert parallel
     num_params: Callable[[Any], int] | None = None  # cfg -> parameter count (tied weights once)

@@ -4,6 +4,11 @@ A plan maps submodule-name patterns (fnmatch) to a style: `colwise` and `rowwise
 `vocab` for the embedding. The output head is `colwise` on the vocabulary: its logits stay sharded
 and the loss is `vocab_parallel_cross_entropy`. Weights are sliced from the full-size module, so
 a sharded model starts exactly where the single-device one does.
+
+With `sequence_parallel`, the residual stream between the TP regions is sharded on the sequence:
+colwise layers all-gather their input, rowwise layers and the embedding reduce-scatter their
+output, and every parameter the plan leaves replicated (norm gains, rowwise biases: everything a
+Megatron-style plan leaves outside the TP regions) gets its partial gradient summed over TP.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import fnmatch
 
 from torch import nn
 
-from parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, mark_sequence_parallel
 
 STYLES = {"colwise": ColumnParallelLinear, "rowwise": RowParallelLinear, "vocab": VocabParallelEmbedding}
 
@@ -23,7 +28,7 @@ def _style(plan: dict[str, str], name: str) -> str | None:
     return hits[0] if hits else None
 
 
-def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group) -> nn.Module:  # noqa: ANN001
+def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group, sequence_parallel: bool = False) -> nn.Module:  # noqa: ANN001
     """In place; returns the model. Tied weights (embedding and head) stay tied."""
     for style in plan.values():
         if style not in STYLES:
@@ -37,7 +42,7 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group) -> nn.M
         style = _style(plan, name)
         if style is None:
             continue
-        new = STYLES[style].from_full(module, group)
+        new = STYLES[style].from_full(module, group, sequence_parallel)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         swapped[name] = new
@@ -45,4 +50,8 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group) -> nn.M
         if len(names) > 1 and all(n in swapped for n in names):
             for n in names[1:]:
                 swapped[n].weight = swapped[names[0]].weight
+    if sequence_parallel:
+        for p in model.parameters():
+            if not getattr(p, "tensor_model_parallel", False) and not getattr(p, "sequence_parallel", False):
+                mark_sequence_parallel(p, group)
     return model

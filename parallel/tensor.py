@@ -45,12 +45,87 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+SEQ_DIM = 1  # activations are [batch, seq, ...]: sequence parallel shards dim 1
+
+
+def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+    world = dist.get_world_size(group)
+    src = x.movedim(SEQ_DIM, 0).contiguous()
+    out = src.new_empty((world * src.shape[0], *src.shape[1:]))
+    dist.all_gather_into_tensor(out, src, group=group)
+    return out.movedim(0, SEQ_DIM)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+    world = dist.get_world_size(group)
+    src = x.movedim(SEQ_DIM, 0).contiguous()
+    if src.shape[0] % world:
+        raise ValueError(f"sequence length {src.shape[0]} is not divisible by tp={world} (sequence parallel)")
+    out = src.new_empty((src.shape[0] // world, *src.shape[1:]))
+    dist.reduce_scatter_tensor(out, src, group=group)
+    return out.movedim(0, SEQ_DIM)
+
+
+class _GatherFromSP(torch.autograd.Function):
+    """All-gather the sequence forward, reduce-scatter the gradient backward (the input of a column-parallel layer)."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # noqa: ANN001
+        ctx.group = group
+        return _all_gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    """Reduce-scatter to sequence shards forward, all-gather backward (the output of a row-parallel layer)."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # noqa: ANN001
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        return _all_gather_seq(grad, ctx.group), None
+
+
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
     return _CopyToTP.apply(x, group)
 
 
 def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
     return _ReduceFromTP.apply(x, group)
+
+
+def gather_from_sp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+    return _GatherFromSP.apply(x, group)
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+    return _ReduceScatterToSP.apply(x, group)
+
+
+def scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+    """This rank's sequence shard of a tensor every TP rank holds in full (no communication)."""
+    rank, world = _rank_world(group)
+    if x.shape[SEQ_DIM] % world:
+        raise ValueError(f"sequence length {x.shape[SEQ_DIM]} is not divisible by tp={world} (sequence parallel)")
+    return x.chunk(world, dim=SEQ_DIM)[rank]
+
+
+def mark_sequence_parallel(p: nn.Parameter, group) -> nn.Parameter:  # noqa: ANN001
+    """A replicated parameter used on a sequence shard (a norm's gain) gets a partial gradient on each
+    TP rank: sum it over the TP group as it is produced, before DeepSpeed accumulates or reduces it."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+    p.register_hook(hook)
+    p.sequence_parallel = True
+    return p
 
 
 def mark_sharded(p: nn.Parameter, dim: int) -> nn.Parameter:
@@ -71,60 +146,65 @@ def _shard(t: torch.Tensor, dim: int, group) -> torch.Tensor:  # noqa: ANN001
 class ColumnParallelLinear(nn.Module):
     """y_local = x W_local^T: the output features are split over the TP ranks."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):  # noqa: ANN001
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False):  # noqa: ANN001
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = mark_sharded(nn.Parameter(weight), 0)
         self.bias = mark_sharded(nn.Parameter(bias), 0) if bias is not None else None
 
     @classmethod
-    def from_full(cls, full: nn.Linear, group) -> "ColumnParallelLinear":  # noqa: ANN001
+    def from_full(cls, full: nn.Linear, group, sequence_parallel: bool = False) -> "ColumnParallelLinear":  # noqa: ANN001
         bias = _shard(full.bias.data, 0, group) if full.bias is not None else None
-        return cls(_shard(full.weight.data, 0, group), bias, group)
+        return cls(_shard(full.weight.data, 0, group), bias, group, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
     """y = sum over TP ranks of x_local W_local^T: the input features are split, outputs all-reduced."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):  # noqa: ANN001
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False):  # noqa: ANN001
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = mark_sharded(nn.Parameter(weight), 1)
         self.bias = nn.Parameter(bias) if bias is not None else None  # replicated, added once after the reduction
+        if self.bias is not None and sequence_parallel:
+            mark_sequence_parallel(self.bias, group)
 
     @classmethod
-    def from_full(cls, full: nn.Linear, group) -> "RowParallelLinear":  # noqa: ANN001
+    def from_full(cls, full: nn.Linear, group, sequence_parallel: bool = False) -> "RowParallelLinear":  # noqa: ANN001
         bias = full.bias.data.clone() if full.bias is not None else None
-        return cls(_shard(full.weight.data, 1, group), bias, group)
+        return cls(_shard(full.weight.data, 1, group), bias, group, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_to_sp(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         return y + self.bias if self.bias is not None else y
 
 
 class VocabParallelEmbedding(nn.Module):
     """Each TP rank holds a contiguous slice of the vocabulary; rows it does not hold contribute zero."""
 
-    def __init__(self, weight: torch.Tensor, vocab_start: int, group):  # noqa: ANN001
+    def __init__(self, weight: torch.Tensor, vocab_start: int, group, sequence_parallel: bool = False):  # noqa: ANN001
         super().__init__()
-        self.group, self.vocab_start = group, vocab_start
+        self.group, self.vocab_start, self.sequence_parallel = group, vocab_start, sequence_parallel
         self.weight = mark_sharded(nn.Parameter(weight), 0)
 
     @classmethod
-    def from_full(cls, full: nn.Embedding, group) -> "VocabParallelEmbedding":  # noqa: ANN001
+    def from_full(cls, full: nn.Embedding, group, sequence_parallel: bool = False) -> "VocabParallelEmbedding":  # noqa: ANN001
         rank, world = _rank_world(group)
         shard = _shard(full.weight.data, 0, group)
-        return cls(shard, rank * shard.shape[0], group)
+        return cls(shard, rank * shard.shape[0], group, sequence_parallel)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp(out, self.group)
+        # Under sequence parallelism the residual stream starts sharded: reduce-scatter instead of all-reduce.
+        return reduce_scatter_to_sp(out, self.group) if self.sequence_parallel else reduce_from_tp(out, self.group)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
