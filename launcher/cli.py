@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.errors import UserError
+from launcher.errors import SpecError, UserError
 
 log = logging.getLogger("lmforge.cli")
 
@@ -58,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="validation loss of a job's newest checkpoint (or a checkpoint directory)")
     s.add_argument("target")
     s.add_argument("--samples", type=int, default=None, help="validation samples (default: all)")
+
+    s = sub.add_parser("plan", help="parameters, memory and FLOPs per rank of a spec's layout (starts nothing)")
+    s.add_argument("config")
+    s.add_argument("--world", type=int, help="number of ranks (overrides cluster.workers)")
+    s.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--json", action="store_true", help="one JSON object (keys: parallel/plan.py)")
+    s.add_argument("--peak-tflops", type=float, help="per-rank peak, to predict the step time")
+    s.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed with --peak-tflops")
 
     s = sub.add_parser("_run", help=argparse.SUPPRESS)  # the detached driver
     s.add_argument("job_dir")
@@ -272,8 +280,112 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _load_for_plan(config: str, sets: list[str]):
+    """Validate as `submit` does, except for what planning explores: layout degrees jobs do not run
+    yet (`validate.NOT_YET`) and a cuda device this machine lacks. The real degrees still go
+    through `data_parallel_size`, so dp and the global-batch arithmetic are the job's."""
+    import copy
+
+    from launcher.spec import load_spec
+    from launcher.validate import NOT_YET, data_parallel_size, validate
+
+    spec = load_spec(config, sets)
+    check = copy.deepcopy(spec)
+    p = check.parallel
+    degrees = [p.tp, p.pp, p.cp, p.ep, p.dp or 1, check.cluster.workers]
+    if all(isinstance(v, int) and v >= 1 for v in degrees):  # else validate names the bad key first
+        dp = data_parallel_size(spec)
+        for key in NOT_YET:
+            section, name = key.split(".")
+            setattr(getattr(check, section), name, 1)
+        if "parallel.tp" in NOT_YET:
+            p.sequence_parallel = False
+        p.dp, check.cluster.workers = None, dp * p.tp * p.pp * p.cp
+    if check.cluster.device == "cuda":
+        check.cluster.device = "cpu"
+    validate(check)
+    return spec
+
+
+def cmd_plan(args) -> int:
+    import torch
+
+    from launcher.validate import data_parallel_size, model_config
+    from parallel.plan import Layout, LayoutError, Workload, make_plan
+    from parallel.precision import resolve_dtype
+
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise UserError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    if not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu must be in (0, 1], got {args.mfu}")
+    spec = _load_for_plan(args.config, args.sets + ([f"cluster.workers={args.world}"] if args.world is not None else []))
+    p, d = spec.parallel, spec.data
+    dp = data_parallel_size(spec)
+    # "auto" is what a job started from this machine would pick; --set cluster.device=cuda plans a GPU job anywhere.
+    cuda = spec.cluster.device == "cuda" or (spec.cluster.device == "auto" and torch.cuda.is_available())
+    layout = Layout(tp=p.tp, pp=p.pp, dp=dp, cp=p.cp, zero=p.zero, sequence_parallel=p.sequence_parallel,
+                    partition=p.pipeline_partition)
+    work = Workload(seq_len=d.seq_len, micro_batch=d.micro_batch, grad_accum=d.global_batch // (d.micro_batch * dp),
+                    dtype=resolve_dtype(spec.train.dtype, torch.device("cuda" if cuda else "cpu")))
+    # DeepSpeed (imported for the pipeline's stage bounds) logs to stdout, which --json keeps pure.
+    logging.getLogger("DeepSpeed").addFilter(lambda record: False)
+    try:
+        plan = make_plan(model_config(spec, vocab_size=d.vocab_size), layout, work, peak_tflops=args.peak_tflops, mfu=args.mfu)
+    except LayoutError as e:
+        raise SpecError(e.key, str(e).removeprefix(f"{e.key}: ")) from None
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=1))
+    else:
+        _print_plan(spec, plan)
+    return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _print_plan(spec, plan) -> None:  # noqa: ANN001
+    from rich.console import Console
+    from rich.table import Table
+
+    lay, w = plan.layout, plan.workload
+    # One column per stage: a row per quantity stays readable at any pp (wider than the terminal if need be).
+    console = Console(width=max(Console().width, 36 + 14 * len(plan.stages)))
+    console.print(f"{spec.model.arch} {spec.model.preset}: {plan.params_total:,} parameters")
+    console.print(f"{plan.flops_per_token:.3g} FLOPs/token, {plan.flops_per_step:.3g} FLOPs/step "
+                  f"({plan.tokens_per_step:,} tokens)")
+    console.print(f"world {lay['world']} = pp {lay['pp']} × dp {lay['dp']} × cp {lay['cp']} × tp {lay['tp']}"
+                  f"{' with sequence parallel' if lay['sequence_parallel'] else ''}, ZeRO {lay['zero']}, {w['dtype']}")
+    console.print(f"micro-batch {w['micro_batch']} × seq {w['seq_len']}, grad-accum {w['grad_accum']}, "
+                  f"global batch {w['global_batch']}")
+    mark = {True: " *", False: ""}
+    ckpt = spec.train.activation_checkpointing
+    size = _size
+    rows = [
+        ("ranks", lambda s: f"{s.ranks[0]}-{s.ranks[1]}"), ("blocks / layers", lambda s: f"{s.blocks[0]}-{s.blocks[1] - 1} / {s.layers}"),
+        ("params", lambda s: f"{s.params:,}"), ("weights", lambda s: size(s.weights_bytes)),
+        ("grads", lambda s: size(s.grads_bytes)), ("optimizer", lambda s: size(s.optimizer_bytes)),
+        ("micro-batches in flight", lambda s: str(s.in_flight_microbatches)),
+        ("activations", lambda s: size(s.activations_bytes)),
+        ("activations ckpt", lambda s: size(s.activations_checkpointed_bytes)),
+        ("total" + mark[not ckpt], lambda s: size(s.total_bytes)),
+        ("total ckpt" + mark[ckpt], lambda s: size(s.total_checkpointed_bytes)),
+        ("GFLOP/token", lambda s: f"{s.flops_per_token / 1e9:.3g}"), ("TFLOP/step", lambda s: f"{s.flops_per_step / 1e12:.3g}"),
+    ]
+    table = Table("per rank", *(f"stage {s.stage}" for s in plan.stages))
+    for name, cell in rows:
+        table.add_row(name, *(cell(s) for s in plan.stages))
+    console.print(table)
+    console.print(f"* what this spec runs (train.activation_checkpointing: {str(ckpt).lower()})")
+    console.print("activations: Korthikanti et al. 2022, an upper bound with fused attention; DeepSpeed's transient "
+                  "buffers are not counted")
+    if plan.step_time_s:
+        console.print(f"predicted step {plan.step_time_s:.3g} s, {plan.tokens_per_s:,.0f} tokens/s "
+                      f"({plan.peak_tflops:g} TFLOP/s peak per rank, MFU {plan.mfu:g}, 1F1B bubble included)")
+
+
 VERBS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "resume": cmd_resume,
-         "data": cmd_data, "eval": cmd_eval, "_run": cmd_run}
+         "data": cmd_data, "eval": cmd_eval, "plan": cmd_plan, "_run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:
