@@ -14,7 +14,7 @@ from launcher.errors import UserError
 from launcher.orchestrator import resolve_shards
 from launcher.spec import load_spec
 from launcher.validate import model_config
-from parallel import checkpoint
+from parallel import checkpoint, consolidated
 from parallel.step import eval_loss
 
 
@@ -39,10 +39,15 @@ def evaluate(target: str, max_samples: int | None = None) -> dict[str, Any]:
     manifest = load_manifest(shards)
     torch.manual_seed(spec.train.seed)
     model = models.build(model_config(spec, vocab_size=manifest.vocab_size))
-    states = sorted(ckpt.glob("*/mp_rank_00_model_states.pt")) + sorted(ckpt.glob("mp_rank_00_model_states.pt"))
-    if not states:
-        raise UserError(f"checkpoint {ckpt}: no model states file")
-    model.load_state_dict(torch.load(states[0], map_location="cpu", weights_only=False)["module"])
+    # The consolidated export holds whole tensors under single-process names, whatever layout wrote it.
+    if not (ckpt / "consolidated").is_dir():
+        raise UserError(f"checkpoint {ckpt}: no consolidated export")
+    tensors, _ = consolidated.read(ckpt / "consolidated")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f"param/{name}" not in tensors:
+                raise UserError(f"checkpoint {ckpt}: no weights for parameter {name}")
+            p.copy_(tensors[f"param/{name}"])
     samples = max_samples or manifest.val.samples
     batches = val_batches(shards, micro_batch=spec.data.micro_batch, dp_rank=0, dp_size=1, max_samples=samples)
     loss = eval_loss(model, batches, torch.device("cpu"))

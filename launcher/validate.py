@@ -18,8 +18,6 @@ CHOICES = {
 
 # Layout degrees whose implementation has not landed yet: refused with the reason, never ignored.
 NOT_YET = {
-    "parallel.tp": "tensor parallelism",
-    "parallel.pp": "pipeline parallelism",
     "parallel.cp": "context parallelism",
     "parallel.ep": "expert parallelism",
 }
@@ -91,9 +89,6 @@ def validate(spec: JobSpec) -> None:
     for key, what in NOT_YET.items():
         if _get(spec, key) != 1:
             raise SpecError(key, f"{what} is not available in this version; allowed: 1")
-    if spec.parallel.sequence_parallel:
-        raise SpecError("parallel.sequence_parallel", "sequence parallelism needs tp > 1, which is not available yet; allowed: false")
-
     dp = data_parallel_size(spec)
     d = spec.data
     per_step = d.micro_batch * dp
@@ -103,6 +98,21 @@ def validate(spec: JobSpec) -> None:
             f"{d.global_batch} is not a multiple of data.micro_batch × dp = {d.micro_batch} × {dp} = {per_step}",
         )
     _validate_model(spec)
+    _validate_layout(spec, dp)
+
+
+def _validate_layout(spec: JobSpec, dp: int) -> None:
+    """Heads, vocabulary, widths and layers against tp/pp, from the model's shapes (nothing is built)."""
+    from parallel.plan import Layout, LayoutError, Workload, validate_layout
+
+    p, d = spec.parallel, spec.data
+    layout = Layout(tp=p.tp, pp=p.pp, dp=dp, cp=p.cp, zero=p.zero, sequence_parallel=p.sequence_parallel,
+                    partition=p.pipeline_partition)
+    work = Workload(seq_len=d.seq_len, micro_batch=d.micro_batch, grad_accum=d.global_batch // (d.micro_batch * dp))
+    try:
+        validate_layout(model_config(spec, vocab_size=d.vocab_size), layout, work)
+    except LayoutError as e:
+        raise SpecError(e.key, str(e).removeprefix(f"{e.key}: ")) from None
 
 
 def _validate_model(spec: JobSpec) -> None:

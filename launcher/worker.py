@@ -1,7 +1,8 @@
 """The per-rank training loop, run by Ray Train on every worker (torch.distributed already set up).
 
-Order: topology -> model at full size from one seed -> DeepSpeed engine -> data stream at its
-position (from the newest good checkpoint) -> loop: step, log, evaluate, checkpoint.
+Order: topology and groups -> model at full size from one seed -> TP/SP, PP -> DeepSpeed engine
+-> data stream at its position (from the newest good checkpoint) -> loop: step, log, evaluate,
+checkpoint.
 """
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ from launcher.validate import data_parallel_size, model_config
 from parallel import checkpoint
 from parallel.distributed import limit_threads, pick_device
 from parallel.engine import EngineConfig, build_engine
+from parallel.parallelize import parallelize
+from parallel.pipeline import is_pipeline
 from parallel.precision import resolve_dtype
 from parallel.step import eval_loss, train_step
+from parallel.topology import Topology, build_groups
 
 log = logging.getLogger("lmforge.worker")
 
@@ -92,19 +96,28 @@ def train_loop(config: dict[str, Any]) -> None:
         time.sleep(wait)
     report_worker(job, rank, 0, attempt=attempt)  # alive, still building: the watchdog's clock starts here
 
+    p = spec.parallel
+    topo = Topology(tp=p.tp, pp=p.pp, dp=dp, cp=p.cp, ep=p.ep)
+    groups = build_groups(topo, rank)
+    dp_rank = topo.coords(rank)["dp"]  # ranks of one TP group / pipeline read the same samples
+    if manifest.vocab_size % p.tp:
+        raise ValueError(f"the tokenizer's vocabulary ({manifest.vocab_size}) is not divisible by parallel.tp={p.tp}")
     torch.manual_seed(t.seed)  # every rank builds identical full-size weights
     cfg = model_config(spec, vocab_size=manifest.vocab_size)
-    model = models.build(cfg).to(device)
+    model, loss_fn = parallelize(models.build(cfg).to(device), cfg.arch, groups, sequence_parallel=p.sequence_parallel,
+                                 partition=p.pipeline_partition, activation_checkpointing=t.activation_checkpointing)
     engine = build_engine(
         model,
         EngineConfig(
             micro_batch=d.micro_batch, grad_accum=accum, dp=dp, zero=spec.parallel.zero, lr=spec.optim.lr,
             weight_decay=spec.optim.weight_decay, beta1=spec.optim.beta1, beta2=spec.optim.beta2, eps=spec.optim.eps,
             grad_clip=spec.optim.grad_clip, warmup_steps=spec.optim.warmup_steps, total_steps=t.steps,
-            min_lr_ratio=spec.optim.min_lr_ratio, dtype=dtype,
+            min_lr_ratio=spec.optim.min_lr_ratio, dtype=dtype, sequence_parallel=p.sequence_parallel,
         ),
+        groups,
     )
-    stream = TokenStream(shards, seed=t.seed, global_batch=d.global_batch, micro_batch=d.micro_batch, dp_rank=rank, dp_size=dp)
+    stream = TokenStream(shards, seed=t.seed, global_batch=d.global_batch, micro_batch=d.micro_batch, dp_rank=dp_rank,
+                         dp_size=dp)
 
     step = 0
     ckpt = _broadcast(checkpoint.latest_good(job.checkpoints) if rank == 0 else None)
@@ -141,7 +154,7 @@ def train_loop(config: dict[str, Any]) -> None:
             micro = [next(batches) for _ in range(accum)]
             if samples:
                 micro = samples.split(micro)
-            res = train_step(engine, micro, device)
+            res = train_step(engine, micro, device, loss_fn)
             stream.advance_step()
             dt = time.perf_counter() - t0
             tokens_per_s = d.global_batch * d.seq_len / dt
@@ -161,8 +174,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world)
             last = step + 1 == t.steps
             if not fatal and t.eval_every and ((step + 1) % t.eval_every == 0 or last):
-                val = val_batches(shards, micro_batch=d.micro_batch, dp_rank=rank, dp_size=dp, max_samples=d.eval_samples)
-                metrics["val_loss"] = eval_loss(engine.module, val, device)
+                val = val_batches(shards, micro_batch=d.micro_batch, dp_rank=dp_rank, dp_size=dp, max_samples=d.eval_samples)
+                metrics["val_loss"] = eval_loss(engine if is_pipeline(engine.module) else engine.module, val, device,
+                                                loss_fn, dp_group=groups["dp"])
             if logger and (step % t.log_every == 0 or last or "val_loss" in metrics or not res.finite):
                 logger.log(step, metrics)
             if fatal:

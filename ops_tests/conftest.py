@@ -7,6 +7,9 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))  # shared harness modules (spawn_ranks, ...) for tests and the processes they spawn
+# The repository root goes first: ops_tests/ has folders named like the packages (models/, parallel/),
+# which would otherwise shadow them as namespace packages in spawned processes.
+sys.path.insert(0, str(HERE.parent))
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lmforge" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -154,7 +154,7 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], meta: dict
     final = root / name
     if not errors and _rank() == 0:
         try:
-            _publish(tmp, final, root, {"step": step, **meta})
+            _publish(tmp, final, root, {"step": step, **meta, **engine_layout(engine)})
         except OSError as e:
             errors.append("rank 0: publishing " + describe_write_error(final, e))
     errors = _broadcast_errors(errors)
@@ -266,29 +266,42 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
+def engine_layout(engine) -> dict[str, int]:  # noqa: ANN001
+    """The degrees a DeepSpeed checkpoint is tied to; the manifest records them."""
+    mpu = getattr(engine, "mpu", None)
+    tp = mpu.get_slice_parallel_world_size() if mpu is not None else 1
+    return {"tp": tp, "pp": getattr(engine, "num_stages", 1), "dp": engine.dp_world_size}
+
+
+def _fmt(layout: dict[str, int]) -> str:
+    return " ".join(f"{k}={layout[k]}" for k in ("tp", "pp", "dp"))
+
+
 def load(engine, path: Path) -> dict[str, Any]:
     """Collective: load engine, optimizer and scheduler state and this rank's RNG; returns the client state.
 
-    Same data-parallel size as when written: DeepSpeed's own checkpoint (bitwise exact). Another
-    size (elastic resume): the consolidated export, re-partitioned by this engine.
+    Same layout (tp, pp, dp) as when written: DeepSpeed's own checkpoint (bitwise exact). Any
+    other layout (elastic resume, resharding): the consolidated export, re-sliced by this engine.
     """
     from parallel import consolidated
 
     path = Path(path)
-    written_dp = read_manifest(path).get("dp")
-    dp = engine.dp_world_size
-    if written_dp in (None, dp):
+    manifest = read_manifest(path)
+    now = engine_layout(engine)
+    written = {k: manifest.get(k, 1) for k in ("tp", "pp")} | {"dp": manifest.get("dp", now["dp"])}
+    same = written == now
+    if same:
         _, client = engine.load_checkpoint(
             str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if client is None:
             raise RuntimeError(f"checkpoint {path} could not be loaded by DeepSpeed")
     else:
-        log.info("checkpoint %s was written with dp=%s; loading its consolidated state into dp=%d", path, written_dp, dp)
+        log.info("checkpoint %s was written with %s; loading its consolidated state into %s", path, _fmt(written), _fmt(now))
         consolidated.load(engine, path / "consolidated")
         client = _client_state(path)
     rng = path / f"rng_rank{_rank()}.pt"
-    if rng.is_file() and written_dp in (None, dp):
+    if rng.is_file() and same:
         set_rng_state(torch.load(rng, weights_only=False))
     return client
 

@@ -1,10 +1,13 @@
 """Layout-free training state: full fp32 weights and Adam moments per parameter name (safetensors).
 
-DeepSpeed's own checkpoint is exact and fast but tied to the data-parallel world it was written
-under (ZeRO partitions the optimizer state by dp rank). This export, written into every
-checkpoint next to it, is what a different layout loads: `launcher resume --set
-cluster.workers=M`. Gathering is collective; each rank then writes the parameters it owns
-(round-robin by index), so the write is spread over the ranks like DeepSpeed's.
+DeepSpeed's own checkpoint is exact and fast but tied to the layout it was written under (ZeRO
+partitions the optimizer state by dp rank, TP and PP split the parameters). This export, written
+into every checkpoint next to it, is what a different layout loads: `launcher resume --set
+cluster.workers=M` or `--set parallel.tp=...`. Names are the single-process parameter names;
+tensors are whole (gathered over ZeRO partitions and TP shards). Gathering is collective; within
+each pipeline stage the ranks then write the parameters they own (round-robin by index), so the
+write is spread over the ranks like DeepSpeed's. Loading slices each tensor back to this rank's
+TP shard.
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from parallel.pipeline import canonical_parameters
+from parallel.tensor import gather_full
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 TRAINER_STATE = "trainer_state.pt"
@@ -57,8 +63,23 @@ def _link_moments(engine, step: float | None = None) -> None:
         lazy_init_hp_params_optimizer_state(lp_params, flat, state)
 
 
-def _full(engine, p: torch.nn.Parameter, key: str | None) -> torch.Tensor:
-    """Collective under ZeRO (each rank holds a slice of the fp32 copy and moments)."""
+def _tp_group(engine):  # noqa: ANN001, ANN202
+    """The TP group from DeepSpeed's view of the layout (our mpu, or the pipeline's grid); None without TP."""
+    mpu = getattr(engine, "mpu", None)
+    if mpu is None or mpu.get_slice_parallel_world_size() == 1:
+        return None
+    return mpu.get_slice_parallel_group()
+
+
+def _stage_rank_world(engine) -> tuple[int, int]:
+    """This rank's index among the ranks of its pipeline stage (they hold the same parameters)."""
+    rank, world = _rank_world()
+    stages = getattr(engine, "num_stages", 1)
+    return rank % (world // stages), world // stages  # pp is the slowest axis of the rank grid
+
+
+def _full(engine, p: torch.nn.Parameter, key: str | None, tp_group) -> torch.Tensor:  # noqa: ANN001
+    """Collective under ZeRO (each rank holds a slice of the fp32 copy and moments) and TP (shards)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if _zero(engine):
@@ -68,28 +89,62 @@ def _full(engine, p: torch.nn.Parameter, key: str | None) -> torch.Tensor:
     else:
         t = engine.optimizer.state.get(p, {}).get(key)
         t = torch.zeros_like(p, dtype=torch.float32) if t is None else t
-    return t.detach().float().cpu().contiguous()
+    t = t.detach().float()
+    if getattr(p, "tp_shard_dim", None) is not None:
+        t.tp_shard_dim = p.tp_shard_dim
+        t = gather_full(t, tp_group)
+    return t.cpu().contiguous()
+
+
+def _all_names(engine) -> list[str]:
+    """Every parameter name of the model: under PP each stage knows only its own."""
+    names = [n for n, _ in canonical_parameters(engine.module)]
+    if not dist.is_initialized() or getattr(engine, "num_stages", 1) == 1:
+        return names
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, names)
+    return sorted({n for ns in everyone for n in ns})
 
 
 def gather(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors this rank writes, trainer state rank 0 writes). Every rank must call it."""
-    rank, world = _rank_world()
+    rank, world = _stage_rank_world(engine)
+    tp_group = _tp_group(engine)
     moments = _adam_step(engine) > 0
     if _zero(engine) and moments:
         _link_moments(engine)
     mine: dict[str, torch.Tensor] = {}
-    for i, (name, p) in enumerate(engine.module.named_parameters()):
+    for i, (name, p) in enumerate(canonical_parameters(engine.module)):
         for key in (None, *MOMENTS):
-            t = _full(engine, p, key) if key is None or moments else torch.zeros_like(p, dtype=torch.float32)
+            if key is None or moments:
+                t = _full(engine, p, key, tp_group)
+            else:
+                t = torch.zeros(_full_shape(p, tp_group), dtype=torch.float32)
             if i % world == rank:
                 mine[f"{key or 'param'}/{name}"] = t
     trainer = {
         "adam_step": _adam_step(engine), "global_steps": engine.global_steps, "global_samples": engine.global_samples,
         "skipped_steps": engine.skipped_steps,
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-        "params": [n for n, _ in engine.module.named_parameters()],
+        "params": _all_names(engine),
     }
     return mine, trainer
+
+
+def _full_shape(p: torch.Tensor, tp_group) -> list[int]:  # noqa: ANN001
+    shape = list(p.shape)
+    dim = getattr(p, "tp_shard_dim", None)
+    if dim is not None and tp_group is not None:
+        shape[dim] *= dist.get_world_size(tp_group)
+    return shape
+
+
+def _my_shard(full: torch.Tensor, p: torch.Tensor, tp_group) -> torch.Tensor:  # noqa: ANN001
+    """This rank's TP slice of a whole tensor (the inverse of `gather_full`)."""
+    dim = getattr(p, "tp_shard_dim", None)
+    if dim is None or tp_group is None:
+        return full
+    return full.chunk(dist.get_world_size(tp_group), dim=dim)[dist.get_rank(tp_group)]
 
 
 def write(out: Path, tensors: dict[str, torch.Tensor], trainer: dict[str, Any]) -> None:
@@ -115,24 +170,30 @@ def load(engine, path: Path) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     tensors, trainer = read(path)
-    names = [n for n, _ in engine.module.named_parameters()]
+    names = _all_names(engine)
     if sorted(names) != sorted(trainer["params"]):
         missing = sorted(set(trainer["params"]) ^ set(names))[:5]
         raise ValueError(f"{path}: parameters differ from the model's (first differences: {missing})")
+    tp_group = _tp_group(engine)
     moments = trainer["adam_step"] > 0
     step = torch.tensor(trainer["adam_step"], dtype=torch.float32)
     if _zero(engine) and moments:
         _link_moments(engine, trainer["adam_step"])
-    for name, p in engine.module.named_parameters():
-        full = tensors[f"param/{name}"]
-        p.copy_(full.to(p.dtype))
+    for name, p in canonical_parameters(engine.module):
+        def mine(key: str) -> torch.Tensor:
+            full = tensors[f"{key}/{name}"]
+            if _full_shape(p, tp_group) != list(full.shape):
+                raise ValueError(f"{path}: {name} has shape {list(full.shape)}, the model {_full_shape(p, tp_group)}")
+            return _my_shard(full, p, tp_group).to(p.device).contiguous()
+
+        weight = mine("param")
+        p.copy_(weight.to(p.dtype))
         if _zero(engine):
-            safe_set_full_fp32_param(p, full.to(p.device))
+            safe_set_full_fp32_param(p, weight)
             for key in MOMENTS if moments else ():
-                safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].to(p.device), key)
+                safe_set_full_optimizer_state(p, mine(key), key)
         elif moments:
-            engine.optimizer.state[p] = {"step": step.clone(),
-                                         **{k: tensors[f"{k}/{name}"].to(p.device).clone() for k in MOMENTS}}
+            engine.optimizer.state[p] = {"step": step.clone(), **{k: mine(k).clone() for k in MOMENTS}}
     if _zero(engine) and moments:
         for state in _base_optimizer(engine).state.values():
             state["step"] = step.clone()

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from parallel.mpu import MPU
 from parallel.optimizer import FiniteAdamW
+from parallel.pipeline import is_pipeline
 from parallel.schedule import warmup_cosine
+from parallel.topology import ProcessGroups
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ class EngineConfig:
     total_steps: int = 1
     min_lr_ratio: float = 0.1
     dtype: torch.dtype = torch.float32
+    sequence_parallel: bool = False
 
 
 def deepspeed_config(cfg: EngineConfig) -> dict:
@@ -42,6 +46,9 @@ def deepspeed_config(cfg: EngineConfig) -> dict:
         "zero_optimization": {"stage": cfg.zero},
         # FiniteAdamW is torch's AdamW plus a finiteness check; DeepSpeed only knows it by class.
         "zero_allow_untested_optimizer": True,
+        # DeepSpeed's pipeline sends 1/tp of an activation per TP rank and all-gathers it, assuming TP ranks
+        # hold equal activations; under sequence parallelism each holds its own shard, so send it whole.
+        "pipeline": {"pipe_partitioned": not cfg.sequence_parallel, "grad_partitioned": not cfg.sequence_parallel},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -68,16 +75,25 @@ def _skip_cpu_shm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def build_engine(model: nn.Module, cfg: EngineConfig, mpu=None):
-    """Return a DeepSpeed engine; torch.distributed must already be initialised."""
+def build_engine(model: nn.Module, cfg: EngineConfig, groups: ProcessGroups | None = None):
+    """Return a DeepSpeed engine (a `PipelineEngine` for a `PipelineModule`); torch.distributed must be initialised.
+
+    Without pipeline parallelism DeepSpeed gets our `mpu`; a `PipelineModule` brings its own grid
+    (DeepSpeed then expects `mpu=None`), built with the same rank order.
+    """
     import deepspeed
 
     _skip_cpu_shm_build()
+    topo = groups.topology if groups is not None else None
+    if is_pipeline(model) and cfg.zero > 1:
+        raise ValueError(f"pipeline parallelism allows ZeRO stage 0 or 1 (DeepSpeed's pipeline engine), got {cfg.zero}")
     optimizer = FiniteAdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         max_norm=cfg.grad_clip if cfg.zero == 0 else 0.0,
-        tp_group=mpu.get_model_parallel_group() if mpu is not None and mpu.get_model_parallel_world_size() > 1 else None,
+        tp_group=groups["tp"] if topo is not None and topo.tp > 1 else None,
+        pp_group=groups["pp"] if topo is not None and topo.pp > 1 else None,
     )
+    mpu = MPU(groups) if groups is not None and not is_pipeline(model) else None
     schedule = functools.partial(
         warmup_cosine, warmup_steps=cfg.warmup_steps, total_steps=cfg.total_steps, min_ratio=cfg.min_lr_ratio
     )

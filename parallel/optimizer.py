@@ -15,9 +15,9 @@ import torch.distributed as dist
 
 
 class FiniteAdamW(torch.optim.AdamW):
-    def __init__(self, params, *, max_norm: float = 0.0, tp_group=None, **kwargs):  # noqa: ANN001 - torch's types
+    def __init__(self, params, *, max_norm: float = 0.0, tp_group=None, pp_group=None, **kwargs):  # noqa: ANN001
         super().__init__(params, **kwargs)
-        self.max_norm, self.tp_group = max_norm, tp_group
+        self.max_norm, self.tp_group, self.pp_group = max_norm, tp_group, pp_group
         self.overflow = False
         self._global_grad_norm: float | None = None
 
@@ -31,11 +31,15 @@ class FiniteAdamW(torch.optim.AdamW):
         sharded = torch.zeros(1, device=grads[0].device)
         replicated = torch.zeros(1, device=grads[0].device)
         for p in params:
+            if getattr(p, "ds_pipe_replicated", False):
+                continue  # a tied weight's copy on a later pipeline stage: its first stage counts it
             acc = sharded if getattr(p, "tensor_model_parallel", False) else replicated
             acc += p.grad.float().pow(2).sum()
         if self.tp_group is not None:
             dist.all_reduce(sharded, group=self.tp_group)
         sq = sharded + replicated
+        if self.pp_group is not None:
+            dist.all_reduce(sq, group=self.pp_group)  # each stage holds different parameters
         if dist.is_initialized():
             # Gradients are already reduced over data parallel; MAX makes every rank agree on a NaN.
             dist.all_reduce(sq, op=dist.ReduceOp.MAX)

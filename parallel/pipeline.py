@@ -51,6 +51,7 @@ def _run(fn: Callable | None, module: nn.Module, inputs):  # noqa: ANN001, ANN20
     if isinstance(out, tuple):
         out, extra = out
         aux = extra if aux is None else aux + extra
+    out = out.contiguous()  # it may cross to the next stage, and p2p sends need contiguous tensors
     return out if aux is None else (out, aux)
 
 
@@ -96,8 +97,13 @@ def deepspeed_topology(topology: Topology):  # noqa: ANN201
 def build_pipeline(model: nn.Module, blocks: list[PipeBlock], topology: Topology, loss_fn: Callable, *,
                    partition: str = "parameters", activation_checkpoint_interval: int = 0) -> nn.Module:
     """A `PipelineModule` over `blocks` (which must compute `model`'s forward); collective."""
+    import deepspeed
+    import torch.distributed as dist
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
+    # PipelineModule talks through deepspeed.comm before `deepspeed.initialize` would set it up: adopt our group.
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False,
+                               dist_init_required=False)
     bounds = stage_bounds(blocks, topology.pp, partition)
     layers: list = []
     for b in blocks:

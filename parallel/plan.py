@@ -220,11 +220,27 @@ def check_layout(cfg, layout: Layout, work: Workload) -> None:  # noqa: ANN001
     for name in ("n_heads", "n_kv_heads"):  # TP splits attention by whole heads
         heads = getattr(cfg, name, None)
         if heads is not None and heads % layout.tp:
-            raise LayoutError("parallel.tp", f"{name}={heads} is not divisible by tp={layout.tp}")
+            raise LayoutError("parallel.tp", f"{name}={heads} is not divisible by tp={layout.tp} "
+                                             f"({heads} % {layout.tp} = {heads % layout.tp}): TP splits whole heads")
     if work.seq_len % layout.cp:
         raise LayoutError("parallel.cp", f"data.seq_len={work.seq_len} is not divisible by cp={layout.cp}")
     if layout.sequence_parallel and (work.seq_len // layout.cp) % layout.tp:
         raise LayoutError("parallel.sequence_parallel", f"the sequence per rank ({work.seq_len // layout.cp}) is not divisible by tp={layout.tp}")
+
+
+def validate_layout(cfg, layout: Layout, work: Workload) -> None:  # noqa: ANN001
+    """Everything about `layout` the real code would refuse, from shapes alone (a meta model)."""
+    check_layout(cfg, layout, work)
+    spec = models.get_spec(cfg.arch)
+    model = meta_model(cfg)
+    tp_shard_sizes(model, spec.tp_plan, layout.tp)
+    if layout.pp > 1:
+        if spec.pipeline_blocks is None:
+            raise LayoutError("parallel.pp", f"model arch {cfg.arch!r} declares no pipeline blocks; allowed: 1")
+        n = len(spec.pipeline_blocks(model))
+        if n < layout.pp:
+            raise LayoutError("parallel.pp", f"pp={layout.pp} stages but the model has only {n} pipeline blocks "
+                                             f"(embedding + {getattr(cfg, 'n_layers', '?')} layers + norm + head)")
 
 
 def make_plan(cfg, layout: Layout, work: Workload, *, peak_tflops: float | None = None, mfu: float = 0.4) -> Plan:  # noqa: ANN001

@@ -49,6 +49,10 @@ def train_step(engine, micro_batches: Iterable[torch.Tensor], device: torch.devi
     `skipped` says so; what to do next (`fault.nonfinite`) is the caller's policy.
     """
     skipped_before = engine.skipped_steps
+    if hasattr(engine, "train_batch"):  # DeepSpeed's PipelineEngine runs the whole 1F1B schedule itself
+        pairs = [split_batch(b, device) for b in micro_batches]
+        loss = float(engine.train_batch(data_iter=iter(pairs)))  # averaged over micro-batches and dp, on every stage
+        return _result(engine, loss, skipped_before)
     total, n = 0.0, 0
     for batch in micro_batches:
         inputs, targets = split_batch(batch, device)
@@ -57,23 +61,36 @@ def train_step(engine, micro_batches: Iterable[torch.Tensor], device: torch.devi
         engine.step()  # a no-op except at the accumulation boundary
         total += loss.item()
         n += 1
-    loss = _all_mean(total / n, device)
+    return _result(engine, _all_mean(total / n, device), skipped_before)
+
+
+def _result(engine, loss: float, skipped_before: int) -> StepResult:  # noqa: ANN001
     norm = engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else float("nan")
     return StepResult(loss=loss, grad_norm=norm, lr=engine.get_lr()[0], skipped=engine.skipped_steps > skipped_before)
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> float:
-    """Token-weighted mean loss over this rank's batches, averaged over all ranks by token count."""
+def eval_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
+              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss, dp_group=None) -> float:  # noqa: ANN001
+    """Token-weighted mean loss over this rank's batches, averaged over the data-parallel ranks.
+
+    `model` is a plain module or a DeepSpeed `PipelineEngine` (which evaluates through its schedule
+    and broadcasts the loss to every stage). Ranks of one TP group see the same batches, so the
+    reduction runs over `dp_group` (default: the world, for pure data parallelism).
+    """
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         inputs, targets = split_batch(batch, device)
-        total[0] += lm_loss(model(inputs), targets).double() * targets.numel()
+        if hasattr(model, "eval_batch"):
+            loss = model.eval_batch(iter([(inputs, targets)]), num_micro_batches=1)
+        else:
+            loss = loss_fn(model(inputs), targets)
+        total[0] += loss.double() * targets.numel()
         total[1] += targets.numel()
     if dist.is_initialized():
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=dp_group)
     model.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()

@@ -52,7 +52,7 @@ def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
     world = dist.get_world_size(group)
     src = x.movedim(SEQ_DIM, 0).contiguous()
     out = src.new_empty((world * src.shape[0], *src.shape[1:]))
-    dist.all_gather_into_tensor(out, src, group=group)
+    dist.all_gather_single(out, src, group=group)
     return out.movedim(0, SEQ_DIM)
 
 

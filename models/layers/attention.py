@@ -29,13 +29,14 @@ class Attention(nn.Module):
         self.rope.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.rope(self.wq(x).view(B, T, -1, self.head_dim))
-        k = self.rope(self.wk(x).view(B, T, -1, self.head_dim))
-        v = self.wv(x).view(B, T, -1, self.head_dim)
+        # Heads and sequence length come from the projections' outputs, not from x: under tensor
+        # parallelism a rank holds fewer heads, under sequence parallelism x is a sequence shard.
+        q = self.rope(self.wq(x).unflatten(-1, (-1, self.head_dim)))
+        k = self.rope(self.wk(x).unflatten(-1, (-1, self.head_dim)))
+        v = self.wv(x).unflatten(-1, (-1, self.head_dim))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [B, H, T, D]
         rep = q.shape[1] // k.shape[1]
         if rep > 1:  # GQA: query head i reads kv head i // rep
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(y.transpose(1, 2).flatten(2))

@@ -48,7 +48,7 @@ def test_resume_on_another_worker_count_consumes_exactly_the_same_samples(uninte
     st = status("elastic", home)
     assert st["state"] == "SUCCEEDED" and st["step"] == STEPS and len(st["workers"]) == after, st
     rank0 = (home / "runs" / "elastic" / "logs" / "rank0.log").read_text()
-    assert f"written with dp={before}; loading its consolidated state into dp={after}" in rank0
+    assert f"written with tp=1 pp=1 dp={before}; loading its consolidated state into tp=1 pp=1 dp={after}" in rank0
 
     got = _consumed(home, "elastic")
     assert sorted(got) == sorted(uninterrupted) == list(range(STEPS))

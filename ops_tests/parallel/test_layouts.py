@@ -12,14 +12,29 @@ from spawn_ranks import spawn_ranks
 STEPS, GLOBAL, MICRO, SEQ, VOCAB = 5, 8, 2, 16, 128
 EPS = 1e-6  # see test_engine_dp: keeps Adam's sign noise on near-zero gradients below the tolerance
 
-ARCHS = {"transformer": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)}
+# name -> (registered arch, config overrides of its `tiny` preset)
+ARCHS = {
+    "transformer": ("transformer", dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)),
+    "transformer-tied": ("transformer", dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=True)),
+}
 LAYOUTS = {
     "dp2-zero1": dict(dp=2, zero=1),
     "dp2-zero2": dict(dp=2, zero=2),
     "tp2": dict(tp=2, zero=1),
     "tp2-zero0": dict(tp=2, zero=0),
+    "tp2+sp": dict(tp=2, sp=True, zero=1),
+    "pp2": dict(pp=2, zero=1),
+    "pp2-zero0": dict(pp=2, zero=0),
+    "pp2-ckpt": dict(pp=2, zero=1, ckpt=True),
     "tp2xdp2": dict(tp=2, dp=2, zero=1),
+    "tp2xpp2": dict(tp=2, pp=2, zero=1),
+    "tp2+spxpp2": dict(tp=2, pp=2, sp=True, zero=1),
+    "pp2xdp2": dict(pp=2, dp=2, zero=1),
 }
+# Every layout for the main variant; the tied-embedding variant where tying changes the code path.
+CASES = [("transformer", name) for name in LAYOUTS] + [
+    ("transformer-tied", name) for name in ("tp2", "tp2+sp", "pp2", "tp2xpp2")
+]
 
 
 def _batches() -> list[torch.Tensor]:
@@ -27,54 +42,70 @@ def _batches() -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=g) for _ in range(STEPS)]
 
 
-def _train(rank: int, world: int, arch: str, layout: dict) -> dict:
+def _world(layout: dict) -> int:
+    return layout.get("tp", 1) * layout.get("dp", 1) * layout.get("pp", 1)
+
+
+def _train(rank: int, world: int, variant: str, layout: dict) -> dict:
     import models
-    from parallel.apply_tp import apply_tensor_parallel
     from parallel.engine import EngineConfig, build_engine
-    from parallel.mpu import MPU
-    from parallel.step import lm_loss, train_step
-    from parallel.tensor import gather_full, vocab_parallel_loss
+    from parallel.parallelize import parallelize
+    from parallel.pipeline import canonical_parameters
+    from parallel.step import train_step
+    from parallel.tensor import gather_full
     from parallel.topology import Topology, build_groups
 
-    tp, dp, zero = layout.get("tp", 1), layout.get("dp", 1), layout.get("zero", 1)
-    topo = Topology(tp=tp, dp=dp)
+    arch, overrides = ARCHS[variant]
+    tp, dp, pp, zero = layout.get("tp", 1), layout.get("dp", 1), layout.get("pp", 1), layout.get("zero", 1)
+    topo = Topology(tp=tp, dp=dp, pp=pp)
     assert topo.world == world
     groups = build_groups(topo, rank)
     torch.manual_seed(0)
-    model = models.build(models.make_config(arch, "tiny", vocab_size=VOCAB, max_seq_len=SEQ, **ARCHS[arch]))
-    tp_group = groups["tp"] if tp > 1 else None
-    if tp_group is not None:
-        apply_tensor_parallel(model, models.get_spec(arch).tp_plan, tp_group)
+    model = models.build(models.make_config(arch, "tiny", vocab_size=VOCAB, max_seq_len=SEQ, **overrides))
+    module, loss_fn = parallelize(model, arch, groups, sequence_parallel=layout.get("sp", False),
+                            activation_checkpointing=layout.get("ckpt", False))
     micro = MICRO if world > 1 else GLOBAL
     accum = GLOBAL // dp // micro
-    engine = build_engine(model, EngineConfig(micro_batch=micro, grad_accum=accum, dp=dp, zero=zero, lr=1e-2, eps=EPS,
-                                              warmup_steps=2, total_steps=STEPS, grad_clip=1.0), mpu=MPU(groups))
-    loss_fn = vocab_parallel_loss(tp_group) if tp_group is not None else lm_loss
+    engine = build_engine(module, EngineConfig(micro_batch=micro, grad_accum=accum, dp=dp, zero=zero, lr=1e-2, eps=EPS,
+                                               warmup_steps=2, total_steps=STEPS, grad_clip=1.0,
+                                               sequence_parallel=layout.get("sp", False)), groups)
+    tp_group = groups["tp"] if tp > 1 else None
+
+    def params() -> dict[str, torch.Tensor]:
+        return {n: gather_full(p, tp_group) for n, p in canonical_parameters(engine.module)}
+
     dp_rank = topo.coords(rank)["dp"]
-    initial = {n: gather_full(p, tp_group) for n, p in engine.module.named_parameters()}
+    initial = params()
     losses = []
     for batch in _batches():
         mine = batch.chunk(dp)[dp_rank]
         losses.append(train_step(engine, list(mine.chunk(accum)), torch.device("cpu"), loss_fn).loss)
-    params = {n: gather_full(p, tp_group) for n, p in engine.module.named_parameters()}
-    return {"losses": losses, "params": params, "initial": initial}
+    return {"losses": losses, "params": params(), "initial": initial}
 
 
-@pytest.fixture(scope="module")
-def single() -> dict:
-    return {arch: spawn_ranks(_train, 1, arch, {})[0] for arch in ARCHS}
+_single: dict[str, dict] = {}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_matches_single_process(single, arch, name):
+def _reference(variant: str) -> dict:
+    if variant not in _single:
+        _single[variant] = spawn_ranks(_train, 1, variant, {})[0]
+    return _single[variant]
+
+
+@pytest.mark.parametrize("variant,name", CASES, ids=[f"{a}-{n}" for a, n in CASES])
+def test_layout_matches_single_process(variant, name):
     layout = LAYOUTS[name]
-    world = layout.get("tp", 1) * layout.get("dp", 1)
-    ref = single[arch]
-    for r in spawn_ranks(_train, world, arch, layout):
+    ref = _reference(variant)
+    seen: set[str] = set()
+    for r in spawn_ranks(_train, _world(layout), variant, layout):
         assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5)
-        assert_state_close(ref["initial"], r["initial"], rel=0)  # every layout starts from the same weights
-        assert_state_close(ref["params"], r["params"], rel=1e-5)
+        mine = set(r["params"])
+        assert mine <= set(ref["params"]), f"unexpected parameter names {sorted(mine - set(ref['params']))}"
+        # every layout starts from the same weights, and ends where one process does
+        assert_state_close({k: ref["initial"][k] for k in mine}, r["initial"], rel=0)
+        assert_state_close({k: ref["params"][k] for k in mine}, r["params"], rel=1e-5)
+        seen |= mine
+    assert seen == set(ref["params"]), f"parameters held by no rank: {sorted(set(ref['params']) - seen)}"
     # the check has teeth: training moved the parameters far beyond the tolerance
     moved = max((ref["params"][k] - v).abs().max().item() for k, v in ref["initial"].items())
     assert moved > 1e-3
