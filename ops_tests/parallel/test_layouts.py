@@ -10,7 +10,8 @@ from compare import assert_state_close
 from spawn_ranks import spawn_ranks
 
 STEPS, GLOBAL, MICRO, SEQ, VOCAB = 5, 8, 2, 16, 128
-EPS = 1e-6  # see test_engine_dp: keeps Adam's sign noise on near-zero gradients below the tolerance
+EPS = 1e-4  # Adam's g/(sqrt(v)+eps) turns reduction-order noise on near-zero gradients into O(1) update
+# differences at eps 1e-8; 1e-4 keeps layouts ~20x inside the tolerance while training still moves every weight
 
 # name -> (registered arch, config overrides of its `tiny` preset)
 ARCHS = {
