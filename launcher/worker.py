@@ -213,6 +213,9 @@ def train_loop(config: dict[str, Any]) -> None:
         log.error("giving up: %s", fatal)
         if rank == 0:
             write_json_atomic(job.fatal_file, {"error": fatal, "step": step, "time": time.time()})
+    # Every rank leaves together: DeepSpeed's pipeline engine can abort a process that exits while a
+    # peer still has point-to-point traffic in flight (Ray Train destroys the group after this returns).
+    dist.barrier()
 
 
 class SampleLog:

@@ -41,3 +41,11 @@ def teardown() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def skip_cpu_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory comm op on CPU (~40 s, needs g++) when it first sets up its
+    comm layer; gloo alone gives the same results. Call before `deepspeed.init_distributed`/`initialize`."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

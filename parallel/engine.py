@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from parallel.distributed import skip_cpu_shm_build
 from parallel.mpu import MPU
 from parallel.optimizer import FiniteAdamW
 from parallel.pipeline import is_pipeline
@@ -68,13 +69,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _skip_cpu_shm_build() -> None:
-    # DeepSpeed JIT-compiles a shared-memory comm op on CPU (~40 s, needs g++); gloo alone gives the same results.
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def build_engine(model: nn.Module, cfg: EngineConfig, groups: ProcessGroups | None = None):
     """Return a DeepSpeed engine (a `PipelineEngine` for a `PipelineModule`); torch.distributed must be initialised.
 
@@ -83,7 +77,7 @@ def build_engine(model: nn.Module, cfg: EngineConfig, groups: ProcessGroups | No
     """
     import deepspeed
 
-    _skip_cpu_shm_build()
+    skip_cpu_shm_build()
     topo = groups.topology if groups is not None else None
     if is_pipeline(model) and cfg.zero > 1:
         raise ValueError(f"pipeline parallelism allows ZeRO stage 0 or 1 (DeepSpeed's pipeline engine), got {cfg.zero}")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from models.registry import PipeBlock
+from parallel.distributed import skip_cpu_shm_build
 from parallel.topology import Topology
 
 PARTITION_METHODS = ("parameters", "uniform")
@@ -102,6 +103,7 @@ def build_pipeline(model: nn.Module, blocks: list[PipeBlock], topology: Topology
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
     # PipelineModule talks through deepspeed.comm before `deepspeed.initialize` would set it up: adopt our group.
+    skip_cpu_shm_build()
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False,
                                dist_init_required=False)
     bounds = stage_bounds(blocks, topology.pp, partition)

@@ -85,10 +85,10 @@ def eval_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: t
     for batch in batches:
         inputs, targets = split_batch(batch, device)
         if hasattr(model, "eval_batch"):
-            loss = model.eval_batch(iter([(inputs, targets)]), num_micro_batches=1)
+            loss = float(model.eval_batch(iter([(inputs, targets)]), num_micro_batches=1))  # shape [1] or []
         else:
-            loss = loss_fn(model(inputs), targets)
-        total[0] += loss.double() * targets.numel()
+            loss = loss_fn(model(inputs), targets).double()
+        total[0] += loss * targets.numel()
         total[1] += targets.numel()
     if dist.is_initialized():
         dist.all_reduce(total, group=dp_group)

@@ -1,10 +1,12 @@
-"""Megatron-style tensor parallelism on plain tensors: explicit autograd collectives, column- and
-row-parallel linears, a vocab-parallel embedding and a vocab-parallel cross-entropy.
+"""Megatron-style tensor and sequence parallelism on plain tensors: explicit autograd collectives,
+column- and row-parallel linears, a vocab-parallel embedding and a vocab-parallel cross-entropy.
 
 Layers are made from full-size, already initialised modules by slicing (`from_full`), so every
 layout starts from the same weights as one process.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -16,36 +18,13 @@ def _rank_world(group) -> tuple[int, int]:  # noqa: ANN001 - a torch ProcessGrou
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-class _CopyToTP(torch.autograd.Function):
-    """Identity forward, all-reduce of the gradient backward (the input of a column-parallel layer)."""
-
-    @staticmethod
-    def forward(ctx, x, group):  # noqa: ANN001
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """All-reduce forward, identity backward (the output of a row-parallel layer)."""
-
-    @staticmethod
-    def forward(ctx, x, group):  # noqa: ANN001
-        x = x.contiguous()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001
-        return grad, None
-
-
 SEQ_DIM = 1  # activations are [batch, seq, ...]: sequence parallel shards dim 1
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
 
 
 def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
@@ -66,30 +45,28 @@ def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
     return out.movedim(0, SEQ_DIM)
 
 
-class _GatherFromSP(torch.autograd.Function):
-    """All-gather the sequence forward, reduce-scatter the gradient backward (the input of a column-parallel layer)."""
+def _identity(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001, ARG001
+    return x
 
-    @staticmethod
-    def forward(ctx, x, group):  # noqa: ANN001
+
+def _conjugate_pair(name: str, forward: Callable, backward: Callable) -> type[torch.autograd.Function]:
+    """An autograd Function running collective `forward` on the input and its conjugate `backward` on the gradient."""
+    def fwd(ctx, x, group):  # noqa: ANN001, ANN202
         ctx.group = group
-        return _all_gather_seq(x, group)
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001
-        return _reduce_scatter_seq(grad, ctx.group), None
+    def bwd(ctx, grad):  # noqa: ANN001, ANN202
+        return backward(grad, ctx.group), None
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _ReduceScatterToSP(torch.autograd.Function):
-    """Reduce-scatter to sequence shards forward, all-gather backward (the output of a row-parallel layer)."""
-
-    @staticmethod
-    def forward(ctx, x, group):  # noqa: ANN001
-        ctx.group = group
-        return _reduce_scatter_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001
-        return _all_gather_seq(grad, ctx.group), None
+# Megatron's four region boundaries: the input of a column-parallel layer (copy / all-gather the
+# sequence) and the output of a row-parallel layer (all-reduce / reduce-scatter to sequence shards).
+_CopyToTP = _conjugate_pair("_CopyToTP", _identity, _all_reduce)
+_ReduceFromTP = _conjugate_pair("_ReduceFromTP", _all_reduce, _identity)
+_GatherFromSP = _conjugate_pair("_GatherFromSP", _all_gather_seq, _reduce_scatter_seq)
+_ReduceScatterToSP = _conjugate_pair("_ReduceScatterToSP", _reduce_scatter_seq, _all_gather_seq)
 
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
@@ -106,14 +83,6 @@ def gather_from_sp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
 
 def reduce_scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
     return _ReduceScatterToSP.apply(x, group)
-
-
-def scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
-    """This rank's sequence shard of a tensor every TP rank holds in full (no communication)."""
-    rank, world = _rank_world(group)
-    if x.shape[SEQ_DIM] % world:
-        raise ValueError(f"sequence length {x.shape[SEQ_DIM]} is not divisible by tp={world} (sequence parallel)")
-    return x.chunk(world, dim=SEQ_DIM)[rank]
 
 
 def mark_sequence_parallel(p: nn.Parameter, group) -> nn.Parameter:  # noqa: ANN001

@@ -52,7 +52,8 @@ def _train(rank: int, world: int, variant: str, layout: dict) -> dict:
     from parallel.engine import EngineConfig, build_engine
     from parallel.parallelize import parallelize
     from parallel.pipeline import canonical_parameters
-    from parallel.step import train_step
+    from parallel.pipeline import is_pipeline
+    from parallel.step import eval_loss, train_step
     from parallel.tensor import gather_full
     from parallel.topology import Topology, build_groups
 
@@ -81,7 +82,11 @@ def _train(rank: int, world: int, variant: str, layout: dict) -> dict:
     for batch in _batches():
         mine = batch.chunk(dp)[dp_rank]
         losses.append(train_step(engine, list(mine.chunk(accum)), torch.device("cpu"), loss_fn).loss)
-    return {"losses": losses, "params": params(), "initial": initial}
+    held_out = torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=torch.Generator().manual_seed(4321))
+    evaluator = engine if is_pipeline(engine.module) else engine.module
+    val = eval_loss(evaluator, list(held_out.chunk(dp)[dp_rank].chunk(accum)), torch.device("cpu"), loss_fn,
+                    dp_group=groups["dp"])
+    return {"losses": losses, "params": params(), "initial": initial, "val": val}
 
 
 _single: dict[str, dict] = {}
@@ -100,6 +105,7 @@ def test_layout_matches_single_process(variant, name):
     seen: set[str] = set()
     for r in spawn_ranks(_train, _world(layout), variant, layout):
         assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+        assert r["val"] == pytest.approx(ref["val"], rel=1e-5)  # evaluation (the pipeline's own schedule under pp)
         mine = set(r["params"])
         assert mine <= set(ref["params"]), f"unexpected parameter names {sorted(mine - set(ref['params']))}"
         # every layout starts from the same weights, and ends where one process does
