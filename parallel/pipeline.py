@@ -88,13 +88,6 @@ def _with_aux(loss_fn: Callable) -> Callable:
     return loss
 
 
-def deepspeed_topology(topology: Topology):  # noqa: ANN201
-    """DeepSpeed's grid with our rank order (pp slowest, tp fastest; cp ranks count as data parallel)."""
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-    return PipeModelDataParallelTopology(num_pp=topology.pp, num_mp=topology.tp, num_dp=topology.dp * topology.cp)
-
-
 def build_pipeline(model: nn.Module, blocks: list[PipeBlock], topology: Topology, loss_fn: Callable, *,
                    partition: str = "parameters", activation_checkpoint_interval: int = 0) -> nn.Module:
     """A `PipelineModule` over `blocks` (which must compute `model`'s forward); collective."""
@@ -123,7 +116,7 @@ def build_pipeline(model: nn.Module, blocks: list[PipeBlock], topology: Topology
             self._set_bounds(start=bounds[stage], stop=bounds[stage + 1])
 
     checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    pipe = _Pipe(layers, topology=deepspeed_topology(topology), loss_fn=_with_aux(loss_fn),
+    pipe = _Pipe(layers, topology=topology.to_deepspeed(), loss_fn=_with_aux(loss_fn),
                  partition_method=partition, activation_checkpoint_interval=activation_checkpoint_interval,
                  activation_checkpoint_func=checkpoint)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -63,6 +63,13 @@ class Topology:
             out.append(sorted(members))
         return out
 
+    def to_deepspeed(self):  # noqa: ANN201 - deepspeed's PipeModelDataParallelTopology
+        """DeepSpeed's grid with our rank order (pp slowest, tp fastest; cp ranks count as data parallel),
+        for its PipelineModule, which takes its groups from a topology instead of an mpu."""
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp * self.cp)
+
     def expert_groups(self) -> tuple[list[list[int]], list[list[int]]]:
         """(ep groups, expert-data-parallel groups): the dp×cp plane cut into runs of `ep` ranks,
         and the ranks across those runs holding the same expert shard."""
