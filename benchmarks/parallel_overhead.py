@@ -4,10 +4,10 @@ collectives and point-to-point sends per step.
 
 Every layout is built by `parallel.parallelize` + `build_engine`, as a job's worker builds it, on
 gloo ranks of one torch thread each; the baseline is one process with one thread, measured in the
-same run. Bytes are the payloads of the torch.distributed calls (all-reduce, all-gather,
-reduce-scatter, broadcast, send) a rank makes during a training step, counted by wrapping those
-functions: what the layout asks the network to move, before the algorithm's own factor (a ring
-all-reduce moves about 2x its payload).
+same run. Bytes are counted by wrapping the torch.distributed calls (all-reduce, all-gather,
+reduce-scatter, broadcast, send) a rank makes during a training step: the payload handed to them,
+and the bytes a ring algorithm puts on the wire for it (`WIRE`), the fair comparison across
+collectives of different kinds. The slowest rank's step time and the busiest rank's bytes are shown.
 
     python benchmarks/parallel_overhead.py [--preset tiny] [--steps 6] [--four]
 """
@@ -32,30 +32,39 @@ LAYOUTS = {
     "pp2": dict(pp=2, zero=1),
 }
 FOUR = {"tp2xpp2": dict(tp=2, pp=2, zero=1)}
-COUNTED = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
-           "reduce_scatter_tensor", "broadcast", "send")
 
 
-def _count_bytes() -> dict[str, int]:
+# Bytes one rank puts on the wire per call for a payload of `size` bytes over `n` ranks (ring algorithms):
+# all-reduce 2(n-1)/n, all-gather (n-1) shards, reduce-scatter (n-1)/n of its input, broadcast/send once.
+WIRE = {"all_reduce": lambda size, n: 2 * (n - 1) / n * size, "all_gather": lambda size, n: (n - 1) * size,
+        "all_gather_into_tensor": lambda size, n: (n - 1) * size, "all_gather_single": lambda size, n: (n - 1) * size,
+        "reduce_scatter_tensor": lambda size, n: (n - 1) / n * size, "broadcast": lambda size, n: size,
+        "send": lambda size, n: size}
+
+
+def _count_bytes() -> dict[str, float]:
     """Wrap torch.distributed's calls so every payload is added up; returns the live counter."""
     import torch.distributed as dist
 
-    counter = {"bytes": 0}
+    counter = {"payload": 0.0, "wire": 0.0}
 
-    def wrap(fn):  # noqa: ANN001, ANN202
+    def wrap(name: str, fn):  # noqa: ANN001, ANN202
         def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             values = [*args, *kwargs.values()]  # DeepSpeed's comm layer passes everything by keyword
             tensors = [a for a in values if isinstance(a, torch.Tensor)]
             lists = [t for a in values if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
             src = tensors[-1] if tensors else (lists[0] if lists else None)  # the input (output first where both)
             if src is not None:
-                counter["bytes"] += src.numel() * src.element_size()
+                size = src.numel() * src.element_size()
+                group = kwargs.get("group", next((a for a in args if isinstance(a, dist.ProcessGroup)), None))
+                counter["payload"] += size
+                counter["wire"] += WIRE[name](size, dist.get_world_size(group))
             return fn(*args, **kwargs)
         return counted
 
-    for name in COUNTED:
+    for name in WIRE:
         if hasattr(dist, name):
-            setattr(dist, name, wrap(getattr(dist, name)))
+            setattr(dist, name, wrap(name, getattr(dist, name)))
     return counter
 
 
@@ -79,15 +88,16 @@ def _run(rank: int, world: int, layout: dict, preset: str, steps: int, seq: int,
     batches = [torch.randint(0, 8192, (global_batch, seq + 1), generator=g) for _ in range(steps + 2)]
     dp_rank = topo.coords(rank)["dp"]
     counter = _count_bytes()
-    times, sent = [], []
+    times, payload, wire = [], [], []
     for i, batch in enumerate(batches):
-        before = counter["bytes"]
+        before = dict(counter)
         t0 = time.perf_counter()
         train_step(engine, list(batch.chunk(dp)[dp_rank].chunk(2)), torch.device("cpu"), loss_fn)
         if i >= 2:  # the first steps pay for allocation and DeepSpeed's lazy set-up
             times.append(time.perf_counter() - t0)
-            sent.append(counter["bytes"] - before)
-    return {"step_s": statistics.median(times), "bytes": statistics.median(sent)}
+            payload.append(counter["payload"] - before["payload"])
+            wire.append(counter["wire"] - before["wire"])
+    return {"step_s": statistics.median(times), "payload": statistics.median(payload), "wire": statistics.median(wire)}
 
 
 def _single(preset: str, steps: int, seq: int, global_batch: int) -> dict:
@@ -113,15 +123,15 @@ def main() -> None:
           f"global batch {args.global_batch} x seq {args.seq_len}, fp32, gloo, 1 torch thread per rank, "
           f"median of {args.steps} steps")
     base = _single(args.preset, args.steps, args.seq_len, args.global_batch)
-    print(f"{'layout':<10} {'ranks':>5} {'step s':>8} {'ratio':>6} {'MB sent/rank/step':>18}")
-    print(f"{'1 process':<10} {1:>5} {base['step_s']:>8.3f} {1.0:>6.2f} {0.0:>18.2f}")
+    print(f"{'layout':<10} {'ranks':>5} {'step s':>8} {'ratio':>6} {'payload MB/rank/step':>21} {'wire MB/rank/step':>18}")
+    print(f"{'1 process':<10} {1:>5} {base['step_s']:>8.3f} {1.0:>6.2f} {0.0:>21.2f} {0.0:>18.2f}")
     layouts = {**LAYOUTS, **(FOUR if args.four else {})}
     for name, layout in layouts.items():
         world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
         ranks = spawn_ranks(_run, world, layout, args.preset, args.steps, args.seq_len, args.global_batch)
         step = max(r["step_s"] for r in ranks)
-        sent = max(r["bytes"] for r in ranks) / 1e6
-        print(f"{name:<10} {world:>5} {step:>8.3f} {step / base['step_s']:>6.2f} {sent:>18.2f}")
+        payload, wire = (max(r[k] for r in ranks) / 1e6 for k in ("payload", "wire"))
+        print(f"{name:<10} {world:>5} {step:>8.3f} {step / base['step_s']:>6.2f} {payload:>21.2f} {wire:>18.2f}")
 
 
 if __name__ == "__main__":
