@@ -104,8 +104,10 @@ def train_loop(config: dict[str, Any]) -> None:
         raise ValueError(f"the tokenizer's vocabulary ({manifest.vocab_size}) is not divisible by parallel.tp={p.tp}")
     torch.manual_seed(t.seed)  # every rank builds identical full-size weights
     cfg = model_config(spec, vocab_size=manifest.vocab_size)
-    model, loss_fn = parallelize(models.build(cfg).to(device), cfg.arch, groups, sequence_parallel=p.sequence_parallel,
+    # Built and sliced in host memory, then moved: a rank's device holds only its TP shard and pipeline stage.
+    model, loss_fn = parallelize(models.build(cfg), cfg.arch, groups, sequence_parallel=p.sequence_parallel,
                                  partition=p.pipeline_partition, activation_checkpointing=t.activation_checkpointing)
+    model = model.to(device)
     engine = build_engine(
         model,
         EngineConfig(
