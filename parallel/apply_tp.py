@@ -1,7 +1,11 @@
 """Apply a model's tensor-parallel plan: swap the named submodules for their sharded versions.
 
 A plan maps submodule-name patterns (fnmatch) to a style: `colwise` and `rowwise` linears,
-`vocab` for the embedding. The output head is `colwise` on the vocabulary: its logits stay sharded
+`vocab` for the embedding, `headwise` for a module inside a TP region whose every parameter is
+indexed by the local channels/heads on dim 0 (a depthwise conv, per-head decay parameters: sliced
+like the colwise output before it, no collective), and `partial` for a replicated module applied to
+head-sharded activations (a per-head output norm: each rank's gradient covers its heads only, so
+it is summed over TP). The output head is `colwise` on the vocabulary: its logits stay sharded
 and the loss is `vocab_parallel_cross_entropy`. Weights are sliced from the full-size module, so
 a sharded model starts exactly where the single-device one does.
 
@@ -16,9 +20,27 @@ import fnmatch
 
 from torch import nn
 
-from parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, mark_sequence_parallel
+from parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, mark_sequence_parallel,
+                             mark_sharded, shard)
 
-STYLES = {"colwise": ColumnParallelLinear, "rowwise": RowParallelLinear, "vocab": VocabParallelEmbedding}
+class _Headwise:
+    @staticmethod
+    def from_full(module: nn.Module, group, sequence_parallel: bool = False) -> nn.Module:  # noqa: ANN001, ARG004
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, mark_sharded(nn.Parameter(shard(p.data, 0, group)), 0))
+        return module
+
+
+class _Partial:
+    @staticmethod
+    def from_full(module: nn.Module, group, sequence_parallel: bool = False) -> nn.Module:  # noqa: ANN001, ARG004
+        for p in module.parameters():
+            mark_sequence_parallel(p, group)  # the same TP sum of a partial gradient
+        return module
+
+
+STYLES = {"colwise": ColumnParallelLinear, "rowwise": RowParallelLinear, "vocab": VocabParallelEmbedding,
+          "headwise": _Headwise, "partial": _Partial}
 
 
 def _style(plan: dict[str, str], name: str) -> str | None:
@@ -43,8 +65,9 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group, sequenc
         if style is None:
             continue
         new = STYLES[style].from_full(module, group, sequence_parallel)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        if new is not module:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
         swapped[name] = new
     for names in shared.values():  # re-tie: both sides hold the same vocabulary rows
         if len(names) > 1 and all(n in swapped for n in names):

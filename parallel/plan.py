@@ -109,7 +109,8 @@ def tp_shard_sizes(model: nn.Module, plan: dict[str, str] | None, tp: int) -> di
     """Elements one TP rank holds of each parameter, keyed by id (tied weights appear once).
 
     colwise: weight rows and bias split; rowwise: weight columns split, bias replicated;
-    vocab: embedding rows split; anything the plan does not name is replicated.
+    vocab: embedding rows split; headwise: every parameter split on dim 0; partial and anything the
+    plan does not name: replicated.
     """
     from parallel.apply_tp import _style  # the same pattern matching as the real swap
 
@@ -122,13 +123,19 @@ def tp_shard_sizes(model: nn.Module, plan: dict[str, str] | None, tp: int) -> di
         style = _style(plan, name)
         if style is None:
             continue
-        dim = 1 if style == "rowwise" else 0
-        w = module.weight
-        if w.shape[dim] % tp:
-            raise LayoutError("parallel.tp", f"{name}.weight dimension {dim} ({w.shape[dim]}) is not divisible by tp={tp}")
-        sizes[id(w)] = w.numel() // tp
-        if getattr(module, "bias", None) is not None and style == "colwise":
-            sizes[id(module.bias)] = module.bias.numel() // tp
+        if style == "partial":
+            continue
+        if style == "headwise":
+            sharded = list(module.named_parameters(recurse=False))
+        else:
+            sharded = [("weight", module.weight)]
+            if getattr(module, "bias", None) is not None and style == "colwise":
+                sharded.append(("bias", module.bias))
+        for pname, p in sharded:
+            dim = 1 if style == "rowwise" and pname == "weight" else 0
+            if p.shape[dim] % tp:
+                raise LayoutError("parallel.tp", f"{name}.{pname} dimension {dim} ({p.shape[dim]}) is not divisible by tp={tp}")
+            sizes[id(p)] = p.numel() // tp
     return sizes
 
 

@@ -105,7 +105,7 @@ def mark_sharded(p: nn.Parameter, dim: int) -> nn.Parameter:
     return p
 
 
-def _shard(t: torch.Tensor, dim: int, group) -> torch.Tensor:  # noqa: ANN001
+def shard(t: torch.Tensor, dim: int, group) -> torch.Tensor:  # noqa: ANN001
     rank, world = _rank_world(group)
     if t.shape[dim] % world:
         raise ValueError(f"dimension {dim} of size {t.shape[dim]} is not divisible by tp={world}")
@@ -123,8 +123,8 @@ class ColumnParallelLinear(nn.Module):
 
     @classmethod
     def from_full(cls, full: nn.Linear, group, sequence_parallel: bool = False) -> "ColumnParallelLinear":  # noqa: ANN001
-        bias = _shard(full.bias.data, 0, group) if full.bias is not None else None
-        return cls(_shard(full.weight.data, 0, group), bias, group, sequence_parallel)
+        bias = shard(full.bias.data, 0, group) if full.bias is not None else None
+        return cls(shard(full.weight.data, 0, group), bias, group, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
@@ -145,7 +145,7 @@ class RowParallelLinear(nn.Module):
     @classmethod
     def from_full(cls, full: nn.Linear, group, sequence_parallel: bool = False) -> "RowParallelLinear":  # noqa: ANN001
         bias = full.bias.data.clone() if full.bias is not None else None
-        return cls(_shard(full.weight.data, 1, group), bias, group, sequence_parallel)
+        return cls(shard(full.weight.data, 1, group), bias, group, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
@@ -164,8 +164,8 @@ class VocabParallelEmbedding(nn.Module):
     @classmethod
     def from_full(cls, full: nn.Embedding, group, sequence_parallel: bool = False) -> "VocabParallelEmbedding":  # noqa: ANN001
         rank, world = _rank_world(group)
-        shard = _shard(full.weight.data, 0, group)
-        return cls(shard, rank * shard.shape[0], group, sequence_parallel)
+        rows = shard(full.weight.data, 0, group)
+        return cls(rows, rank * rows.shape[0], group, sequence_parallel)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.vocab_start

@@ -3,6 +3,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or float64 when it already is: statistics never run in 16 bits, float64 oracles stay float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -15,5 +20,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # bf16/fp16 mean-of-squares loses precision over wide rows: normalise in fp32, cast back.
-        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        xf = upcast(x)
+        y = F.rms_norm(xf, (x.shape[-1],), self.weight.to(xf.dtype), self.eps)
         return y.to(x.dtype)

@@ -29,10 +29,10 @@ class RotaryEmbedding(nn.Module):
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, H, D] with positions 0..T-1; returns the rotated tensor in x's dtype."""
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x: [B, T, H, D] with positions start..start+T-1; returns the rotated tensor in x's dtype."""
         T = x.shape[1]
-        cos = self.cos[:T, None, :].float()  # [T, 1, D/2], broadcast over batch and heads
-        sin = self.sin[:T, None, :].float()
+        cos = self.cos[start:start + T, None, :].float()  # [T, 1, D/2], broadcast over batch and heads
+        sin = self.sin[start:start + T, None, :].float()
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
