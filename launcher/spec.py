@@ -147,6 +147,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise SpecError(key, f"expected a mapping, got {value!r}")
         return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(key, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [v if item is Any else _coerce(v, item, key) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value

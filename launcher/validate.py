@@ -18,7 +18,6 @@ CHOICES = {
 
 # Layout degrees whose implementation has not landed yet: refused with the reason, never ignored.
 NOT_YET = {
-    "parallel.cp": "context parallelism",
     "parallel.ep": "expert parallelism",
 }
 

@@ -26,6 +26,7 @@ from launcher.validate import data_parallel_size, model_config
 from parallel import checkpoint
 from parallel.distributed import limit_threads, pick_device
 from parallel.engine import EngineConfig, build_engine
+from parallel.context import context_slice
 from parallel.parallelize import parallelize
 from parallel.pipeline import is_pipeline
 from parallel.precision import resolve_dtype
@@ -100,6 +101,7 @@ def train_loop(config: dict[str, Any]) -> None:
     topo = Topology(tp=p.tp, pp=p.pp, dp=dp, cp=p.cp, ep=p.ep)
     groups = build_groups(topo, rank)
     dp_rank = topo.coords(rank)["dp"]  # ranks of one TP group / pipeline read the same samples
+    cp_rank = topo.coords(rank)["cp"]  # ...and ranks of one CP group each take a contiguous slice of them
     if manifest.vocab_size % p.tp:
         raise ValueError(f"the tokenizer's vocabulary ({manifest.vocab_size}) is not divisible by parallel.tp={p.tp}")
     torch.manual_seed(t.seed)  # every rank builds identical full-size weights
@@ -156,6 +158,8 @@ def train_loop(config: dict[str, Any]) -> None:
             micro = [next(batches) for _ in range(accum)]
             if samples:
                 micro = samples.split(micro)
+            if p.cp > 1:
+                micro = [context_slice(b, cp_rank, p.cp) for b in micro]
             res = train_step(engine, micro, device, loss_fn)
             stream.advance_step()
             dt = time.perf_counter() - t0
@@ -177,8 +181,9 @@ def train_loop(config: dict[str, Any]) -> None:
             last = step + 1 == t.steps
             if not fatal and t.eval_every and ((step + 1) % t.eval_every == 0 or last):
                 val = val_batches(shards, micro_batch=d.micro_batch, dp_rank=dp_rank, dp_size=dp, max_samples=d.eval_samples)
+                val = (context_slice(b, cp_rank, p.cp) for b in val)
                 metrics["val_loss"] = eval_loss(engine if is_pipeline(engine.module) else engine.module, val, device,
-                                                loss_fn, dp_group=groups["dp"])
+                                                loss_fn, dp_group=groups["dp_cp"])
             if logger and (step % t.log_every == 0 or last or "val_loss" in metrics or not res.finite):
                 logger.log(step, metrics)
             if fatal:

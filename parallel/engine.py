@@ -1,6 +1,7 @@
 """Wrap a single-device model in a DeepSpeed engine: ZeRO 0/1/2, AdamW, warmup+cosine, clipping, accumulation."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -35,13 +36,16 @@ class EngineConfig:
     min_lr_ratio: float = 0.1
     dtype: torch.dtype = torch.float32
     sequence_parallel: bool = False
+    cp: int = 1  # taken from the topology by `build_engine`
 
 
 def deepspeed_config(cfg: EngineConfig) -> dict:
     ds: dict = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.micro_batch * cfg.grad_accum * cfg.dp,
+        # DeepSpeed counts context-parallel ranks as data parallel (it reduces gradients over dp×cp); they
+    # read slices of the same samples, so its "batch" is cp times ours.
+    "train_batch_size": cfg.micro_batch * cfg.grad_accum * cfg.dp * cfg.cp,
         # Without ZeRO our optimizer clips (and reports the norm); ZeRO clips inside DeepSpeed.
         "gradient_clipping": cfg.grad_clip if cfg.zero > 0 else 0.0,
         "zero_optimization": {"stage": cfg.zero},
@@ -79,6 +83,8 @@ def build_engine(model: nn.Module, cfg: EngineConfig, groups: ProcessGroups | No
 
     skip_cpu_shm_build()
     topo = groups.topology if groups is not None else None
+    if topo is not None:
+        cfg = dataclasses.replace(cfg, cp=topo.cp)
     if is_pipeline(model) and cfg.zero > 1:
         raise ValueError(f"pipeline parallelism allows ZeRO stage 0 or 1 (DeepSpeed's pipeline engine), got {cfg.zero}")
     optimizer = FiniteAdamW(

@@ -1,4 +1,4 @@
-"""Turn a full-size single-device model into this rank's part of the layout: TP/SP, then PP.
+"""Turn a full-size single-device model into this rank's part of the layout: TP/SP, CP, then PP.
 
 The one place that reads a model's registration (TP plan, pipeline blocks) and the topology, so
 the worker, the layout harness and the benchmarks build every layout the same way.
@@ -12,6 +12,7 @@ from torch import nn
 
 import models
 from parallel.apply_tp import apply_tensor_parallel
+from parallel.context import apply_context_parallel
 from parallel.pipeline import build_pipeline
 from parallel.step import lm_loss
 from parallel.tensor import vocab_parallel_loss
@@ -33,6 +34,11 @@ def parallelize(model: nn.Module, arch: str, groups: ProcessGroups, *, sequence_
         loss_fn = vocab_parallel_loss(groups["tp"])
     elif sequence_parallel:
         raise ValueError("sequence_parallel shards activations over the TP group: it needs tp > 1")
+    if topo.cp > 1:
+        if spec.cp_core is None:
+            raise ValueError(f"model arch {arch!r} declares no context-parallel core; cp must be 1")
+        if not apply_context_parallel(model, spec.cp_core, groups["cp"]):
+            raise ValueError(f"model arch {arch!r} has no layer matching its context-parallel core {spec.cp_core!r}")
     if topo.pp > 1:
         if spec.pipeline_blocks is None:
             raise ValueError(f"model arch {arch!r} declares no pipeline blocks; pp must be 1")

@@ -231,8 +231,28 @@ def check_layout(cfg, layout: Layout, work: Workload) -> None:  # noqa: ANN001
                                              f"({heads} % {layout.tp} = {heads % layout.tp}): TP splits whole heads")
     if work.seq_len % layout.cp:
         raise LayoutError("parallel.cp", f"data.seq_len={work.seq_len} is not divisible by cp={layout.cp}")
+    if layout.cp > 1:
+        _check_context_parallel(cfg, layout, work)
     if layout.sequence_parallel and (work.seq_len // layout.cp) % layout.tp:
         raise LayoutError("parallel.sequence_parallel", f"the sequence per rank ({work.seq_len // layout.cp}) is not divisible by tp={layout.tp}")
+
+
+def _check_context_parallel(cfg, layout: Layout, work: Workload) -> None:  # noqa: ANN001
+    if models.get_spec(cfg.arch).cp_core is None:
+        raise LayoutError("parallel.cp", f"model arch {cfg.arch!r} has no context-parallel core; allowed: 1")
+    if getattr(cfg, "attn_layers", None):
+        raise LayoutError("parallel.cp", f"the {getattr(cfg, 'hybrid', '')} hybrid's attention layers {cfg.attn_layers} "
+                                         "would need ring attention across ranks, which is not implemented; allowed: 1")
+    if layout.tp > 1 or layout.pp > 1:
+        raise LayoutError("parallel.cp", f"context parallelism combines with data parallelism only in this version "
+                                         f"(tp={layout.tp}, pp={layout.pp}); allowed: 1, or tp = pp = 1")
+    if layout.zero > 1:
+        raise LayoutError("parallel.zero", f"context parallelism runs collectives inside backward, which ZeRO-2's "
+                                           f"gradient hooks could interleave with; allowed with cp > 1: 0, 1 (got {layout.zero})")
+    halo = getattr(cfg, "conv_width", 1) - 1
+    if work.seq_len // layout.cp < halo:
+        raise LayoutError("parallel.cp", f"{work.seq_len // layout.cp} tokens per rank (data.seq_len={work.seq_len} / "
+                                         f"cp={layout.cp}) is shorter than the short conv's {halo}-token halo")
 
 
 def validate_layout(cfg, layout: Layout, work: Workload) -> None:  # noqa: ANN001

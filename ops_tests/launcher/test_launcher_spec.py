@@ -29,6 +29,10 @@ def test_shipped_configs_validate():
     validate(load_spec(LOCAL))
 
 
+def test_deltanet_context_parallel_spec_validates():
+    validate(load_spec(LOCAL, ["model.arch=deltanet", "parallel.cp=2"]))
+
+
 def test_overrides_are_typed_and_applied():
     spec = load_spec(LOCAL, ["train.steps=7", "optim.lr=1e-4", "tracking.uri=null", "model.d_model=64"])
     assert spec.train.steps == 7 and spec.optim.lr == pytest.approx(1e-4)
@@ -51,7 +55,12 @@ BAD = [
     (["data.global_batch=24"], "data.global_batch", ["24", "8 × 2 = 16"]),
     (["parallel.zero=3"], "parallel.zero", ["allowed: 0, 1, 2"]),
     (["fault.nonfinite=ignore"], "fault.nonfinite", ["ignore", "skip_step", "stop"]),
-    (["parallel.cp=2"], "parallel.cp", ["context parallelism", "allowed: 1"]),
+    (["parallel.cp=2"], "parallel.cp", ["'transformer'", "no context-parallel core", "allowed: 1"]),
+    (["model.arch=deltanet", "model.hybrid=swa", "parallel.cp=2"], "parallel.cp", ["attention layers", "ring attention"]),
+    (["model.arch=deltanet", "parallel.cp=2", "parallel.zero=2"], "parallel.zero", ["allowed with cp > 1: 0, 1"]),
+    (["model.arch=deltanet", "parallel.cp=2", "parallel.tp=2", "cluster.workers=4"], "parallel.cp", ["tp=2", "allowed"]),
+    (["model.arch=deltanet", "parallel.cp=2", "data.seq_len=4"], "parallel.cp", ["2 tokens per rank", "3-token halo"]),
+    (["model.arch=deltanet", "model.hybrid=mamba"], "model", ["mamba", "none, swa, global"]),
     (["parallel.tp=3", "cluster.workers=3"], "parallel.tp", ["n_heads=4", "tp=3", "4 % 3 = 1"]),
     (["parallel.tp=2", "data.vocab_size=1001"], "parallel.tp", ["tok_embeddings.weight", "1001", "tp=2"]),
     (["parallel.pp=2", "parallel.zero=2"], "parallel.zero", ["ZeRO stage 0 or 1", "got 2"]),

@@ -17,6 +17,11 @@ EPS = 1e-4  # Adam's g/(sqrt(v)+eps) turns reduction-order noise on near-zero gr
 ARCHS = {
     "transformer": ("transformer", dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)),
     "transformer-tied": ("transformer", dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=True)),
+    # chunk 16 over 16 tokens per sample: cp2 / cp4 cut it into halves / quarters
+    "deltanet": ("deltanet", dict(d_model=64, n_layers=2, n_heads=4, chunk_size=16, decay_gate=True, output_gate=True)),
+    "deltanet-swa": ("deltanet", dict(d_model=64, n_layers=2, n_heads=4, chunk_size=16, hybrid="swa", window=6)),
+    "deltanet-global": ("deltanet", dict(d_model=64, n_layers=3, n_heads=4, chunk_size=16, hybrid="global",
+                                         attn_layers=[2])),
 }
 LAYOUTS = {
     "dp2-zero1": dict(dp=2, zero=1),
@@ -31,10 +36,16 @@ LAYOUTS = {
     "tp2xpp2": dict(tp=2, pp=2, zero=1),
     "tp2+spxpp2": dict(tp=2, pp=2, sp=True, zero=1),
     "pp2xdp2": dict(pp=2, dp=2, zero=1),
+    "cp2": dict(cp=2, zero=1),
+    "cp4": dict(cp=4, zero=1),
+    "cp2xdp2": dict(cp=2, dp=2, zero=1),
 }
 # Every layout for the main variant; the tied-embedding variant where tying changes the code path.
-CASES = [("transformer", name) for name in LAYOUTS] + [
+CP_LAYOUTS = ("cp2", "cp4", "cp2xdp2")  # context parallelism needs a model with a sequence-mixing core (DeltaNet)
+CASES = [("transformer", name) for name in LAYOUTS if name not in CP_LAYOUTS] + [
     ("transformer-tied", name) for name in ("tp2", "tp2+sp", "pp2", "tp2xpp2")
+] + [("deltanet", name) for name in ("tp2", *CP_LAYOUTS)] + [
+    ("deltanet-swa", "tp2"), ("deltanet-global", "tp2"),
 ]
 
 
@@ -44,13 +55,14 @@ def _batches() -> list[torch.Tensor]:
 
 
 def _world(layout: dict) -> int:
-    return layout.get("tp", 1) * layout.get("dp", 1) * layout.get("pp", 1)
+    return layout.get("tp", 1) * layout.get("dp", 1) * layout.get("pp", 1) * layout.get("cp", 1)
 
 
 def _train(rank: int, world: int, variant: str, layout: dict) -> dict:
     import models
     from parallel.engine import EngineConfig, build_engine
     from parallel.parallelize import parallelize
+    from parallel.context import context_slice
     from parallel.pipeline import canonical_parameters
     from parallel.pipeline import is_pipeline
     from parallel.step import eval_loss, train_step
@@ -59,7 +71,8 @@ def _train(rank: int, world: int, variant: str, layout: dict) -> dict:
 
     arch, overrides = ARCHS[variant]
     tp, dp, pp, zero = layout.get("tp", 1), layout.get("dp", 1), layout.get("pp", 1), layout.get("zero", 1)
-    topo = Topology(tp=tp, dp=dp, pp=pp)
+    cp = layout.get("cp", 1)
+    topo = Topology(tp=tp, dp=dp, pp=pp, cp=cp)
     assert topo.world == world
     groups = build_groups(topo, rank)
     torch.manual_seed(0)
@@ -76,16 +89,16 @@ def _train(rank: int, world: int, variant: str, layout: dict) -> dict:
     def params() -> dict[str, torch.Tensor]:
         return {n: gather_full(p, tp_group) for n, p in canonical_parameters(engine.module)}
 
-    dp_rank = topo.coords(rank)["dp"]
+    dp_rank, cp_rank = topo.coords(rank)["dp"], topo.coords(rank)["cp"]
     initial = params()
     losses = []
     for batch in _batches():
-        mine = batch.chunk(dp)[dp_rank]
+        mine = context_slice(batch.chunk(dp)[dp_rank], cp_rank, cp)
         losses.append(train_step(engine, list(mine.chunk(accum)), torch.device("cpu"), loss_fn).loss)
     held_out = torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=torch.Generator().manual_seed(4321))
     evaluator = engine if is_pipeline(engine.module) else engine.module
-    val = eval_loss(evaluator, list(held_out.chunk(dp)[dp_rank].chunk(accum)), torch.device("cpu"), loss_fn,
-                    dp_group=groups["dp"])
+    val = eval_loss(evaluator, list(context_slice(held_out.chunk(dp)[dp_rank], cp_rank, cp).chunk(accum)),
+                    torch.device("cpu"), loss_fn, dp_group=groups["dp_cp"])
     return {"losses": losses, "params": params(), "initial": initial, "val": val}
 
 
