@@ -12,7 +12,8 @@ Gradients flow through both exchanges by autograd: an all-gather's backward is a
 which hands each summary (and halo) owner the sum of what later ranks needed of it. Every rank
 runs the same collectives in the same order, forward and backward: the summary always depends
 on the local keys (so the halo's backward waits for the summary's) and every gathered tensor is
-used, if only times zero, so no rank skips a backward collective.
+used, if only times zero, so no rank skips a backward collective. Ranks build the same graph, so
+DeepSpeed's gradient hooks (ZeRO-2 reduces buckets during backward) fire in the same order too.
 """
 from __future__ import annotations
 

@@ -246,9 +246,6 @@ def _check_context_parallel(cfg, layout: Layout, work: Workload) -> None:  # noq
     if layout.tp > 1 or layout.pp > 1:
         raise LayoutError("parallel.cp", f"context parallelism combines with data parallelism only in this version "
                                          f"(tp={layout.tp}, pp={layout.pp}); allowed: 1, or tp = pp = 1")
-    if layout.zero > 1:
-        raise LayoutError("parallel.zero", f"context parallelism runs collectives inside backward, which ZeRO-2's "
-                                           f"gradient hooks could interleave with; allowed with cp > 1: 0, 1 (got {layout.zero})")
     halo = getattr(cfg, "conv_width", 1) - 1
     if work.seq_len // layout.cp < halo:
         raise LayoutError("parallel.cp", f"{work.seq_len // layout.cp} tokens per rank (data.seq_len={work.seq_len} / "

@@ -39,12 +39,16 @@ def _chunked(q, k, v, beta, g, state, scale: float, C: int):  # noqa: ANN001, AN
     U = Ai @ (b[..., None] * Vc)
     attn = (Q @ Kc.transpose(-1, -2)) * decay  # causal, diagonal kept
     last = gam[..., -1:]  # [B,H,NT,1]
+    q_dec = Q * gam.exp()[..., None]
+    k_dec = Kc * (last - gam).exp()[..., None]
+    # Unbind once: indexing chunk c out of a whole tensor inside the loop would make each chunk's backward
+    # build a gradient the size of the whole tensor, O(NT²) over the scan.
+    per_chunk = zip(*(t.unbind(2) for t in (U, W, q_dec, attn, k_dec, last.exp()[..., None])))
     outs = []
-    for c in range(Q.shape[2]):
-        v_new = U[:, :, c] - W[:, :, c] @ state
-        outs.append(scale * ((Q[:, :, c] * gam[:, :, c].exp()[..., None]) @ state + attn[:, :, c] @ v_new))
-        k_dec = Kc[:, :, c] * (last[:, :, c] - gam[:, :, c]).exp()[..., None]
-        state = last[:, :, c].exp()[..., None] * state + k_dec.transpose(-1, -2) @ v_new
+    for u, w, qd, a, kd, decay_all in per_chunk:
+        v_new = u - w @ state
+        outs.append(scale * (qd @ state + a @ v_new))
+        state = decay_all * state + kd.transpose(-1, -2) @ v_new
     o = torch.stack(outs, dim=2).reshape(B, H, -1, v.shape[-1])[:, :, :T].transpose(1, 2)
     return o, state
 

@@ -57,7 +57,6 @@ BAD = [
     (["fault.nonfinite=ignore"], "fault.nonfinite", ["ignore", "skip_step", "stop"]),
     (["parallel.cp=2"], "parallel.cp", ["'transformer'", "no context-parallel core", "allowed: 1"]),
     (["model.arch=deltanet", "model.hybrid=swa", "parallel.cp=2"], "parallel.cp", ["attention layers", "ring attention"]),
-    (["model.arch=deltanet", "parallel.cp=2", "parallel.zero=2"], "parallel.zero", ["allowed with cp > 1: 0, 1"]),
     (["model.arch=deltanet", "parallel.cp=2", "parallel.tp=2", "cluster.workers=4"], "parallel.cp", ["tp=2", "allowed"]),
     (["model.arch=deltanet", "parallel.cp=2", "data.seq_len=4"], "parallel.cp", ["2 tokens per rank", "3-token halo"]),
     (["model.arch=deltanet", "model.hybrid=mamba"], "model", ["mamba", "none, swa, global"]),

@@ -39,9 +39,10 @@ LAYOUTS = {
     "cp2": dict(cp=2, zero=1),
     "cp4": dict(cp=4, zero=1),
     "cp2xdp2": dict(cp=2, dp=2, zero=1),
+    "cp2-zero2": dict(cp=2, zero=2),
 }
 # Every layout for the main variant; the tied-embedding variant where tying changes the code path.
-CP_LAYOUTS = ("cp2", "cp4", "cp2xdp2")  # context parallelism needs a model with a sequence-mixing core (DeltaNet)
+CP_LAYOUTS = ("cp2", "cp4", "cp2xdp2", "cp2-zero2")  # context parallelism needs a model with a sequence-mixing core (DeltaNet)
 CASES = [("transformer", name) for name in LAYOUTS if name not in CP_LAYOUTS] + [
     ("transformer-tied", name) for name in ("tp2", "tp2+sp", "pp2", "tp2xpp2")
 ] + [("deltanet", name) for name in ("tp2", *CP_LAYOUTS)] + [
