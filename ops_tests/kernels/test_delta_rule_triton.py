@@ -15,8 +15,6 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported by triton_impl
 
-pytest.importorskip("triton")
-
 from kernels.delta_rule import chunk_delta_rule, chunk_delta_rule_torch, delta_rule_recurrent  # noqa: E402
 from kernels.delta_rule import triton_impl  # noqa: E402
 from kernels.delta_rule.triton_impl import chunk_delta_rule_triton  # noqa: E402
