@@ -14,12 +14,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from models.config import positive_ints, round_up
 from models.layers.attention import Attention
 from models.layers.delta_net import DeltaNetMixer
 from models.layers.mlp import SwiGLU
 from models.layers.norm import RMSNorm
 from models.registry import ModelSpec, PipeBlock, register
-from models.transformer import _positive_ints, _round_up
 
 HYBRIDS = ("none", "swa", "global")
 BACKENDS = ("auto", "torch", "triton")
@@ -55,15 +55,15 @@ class DeltaNetConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        _positive_ints(self, "d_model", "n_layers", "n_heads", "vocab_size", "max_seq_len", "conv_width",
+        positive_ints(self, "d_model", "n_layers", "n_heads", "vocab_size", "max_seq_len", "conv_width",
                        "ffn_multiple_of", "window")
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ValueError(f"{name}.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
             self.head_dim = self.d_model // self.n_heads
         if self.ffn_hidden is None:
-            self.ffn_hidden = _round_up(int(8 * self.d_model / 3), self.ffn_multiple_of)
-        _positive_ints(self, "head_dim", "ffn_hidden")
+            self.ffn_hidden = round_up(int(8 * self.d_model / 3), self.ffn_multiple_of)
+        positive_ints(self, "head_dim", "ffn_hidden")
         if self.chunk_size not in (16, 32, 64):
             raise ValueError(f"{name}.chunk_size={self.chunk_size}; allowed: 16, 32, 64")
         if self.conv_width < 2:
@@ -81,8 +81,9 @@ class DeltaNetConfig:
         bad = [i for i in self.attn_layers if not isinstance(i, int) or not 1 <= i <= self.n_layers]
         if bad:
             raise ValueError(f"{name}.attn_layers has {bad}: layers are numbered 1..n_layers={self.n_layers}")
-        if self.attn_layers and self.head_dim % 2:
-            raise ValueError(f"{name}.head_dim={self.head_dim} must be even for the attention layers' rotary")
+        if self.attn_layers and (self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2):
+            raise ValueError(f"{name}: attention layers need d_model={self.d_model} divisible by n_heads={self.n_heads} "
+                             "into an even head dim (rotary)")
         for f in ("norm_eps", "init_std", "rope_theta"):
             v = getattr(self, f)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
@@ -101,7 +102,6 @@ class DeltaNetBlock(nn.Module):
         if attention:
             self.mixer = Attention(d, H, H, cfg.max_seq_len, cfg.rope_theta,
                                    window=cfg.window if cfg.hybrid == "swa" else None)
-            self.mixer.head_dim = cfg.head_dim
         else:
             self.mixer = DeltaNetMixer(d, H, cfg.head_dim, conv_width=cfg.conv_width, chunk_size=cfg.chunk_size,
                                        output_gate=cfg.output_gate, decay_gate=cfg.decay_gate,

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from models.config import positive_ints, round_up
 from models.layers.attention import Attention
 from models.layers.mlp import SwiGLU
 from models.layers.norm import RMSNorm
@@ -37,12 +38,12 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        _positive_ints(self, "d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len",
+        positive_ints(self, "d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len",
                        "ffn_multiple_of")
         if self.ffn_hidden is None:
             # SwiGLU has three matrices: 8/3*d keeps its parameter count at that of a 4*d GELU MLP.
-            self.ffn_hidden = _round_up(int(8 * self.d_model / 3), self.ffn_multiple_of)
-        _positive_ints(self, "ffn_hidden")
+            self.ffn_hidden = round_up(int(8 * self.d_model / 3), self.ffn_multiple_of)
+        positive_ints(self, "ffn_hidden")
         for name in ("rope_theta", "norm_eps", "init_std"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -59,17 +60,6 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
-
-
-def _positive_ints(cfg: object, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return multiple * math.ceil(x / multiple)
 
 
 class TransformerBlock(nn.Module):
