@@ -45,7 +45,7 @@ LAYOUTS = {
 CP_LAYOUTS = ("cp2", "cp4", "cp2xdp2", "cp2-zero2")  # context parallelism needs a model with a sequence-mixing core (DeltaNet)
 CASES = [("transformer", name) for name in LAYOUTS if name not in CP_LAYOUTS] + [
     ("transformer-tied", name) for name in ("tp2", "tp2+sp", "pp2", "tp2xpp2")
-] + [("deltanet", name) for name in ("tp2", *CP_LAYOUTS)] + [
+] + [("deltanet", name) for name in ("tp2", "tp2+sp", "pp2", *CP_LAYOUTS)] + [
     ("deltanet-swa", "tp2"), ("deltanet-global", "tp2"),
 ]
 
