@@ -243,9 +243,6 @@ def _check_context_parallel(cfg, layout: Layout, work: Workload) -> None:  # noq
     if getattr(cfg, "attn_layers", None):
         raise LayoutError("parallel.cp", f"the {getattr(cfg, 'hybrid', '')} hybrid's attention layers {cfg.attn_layers} "
                                          "would need ring attention across ranks, which is not implemented; allowed: 1")
-    if layout.tp > 1 or layout.pp > 1:
-        raise LayoutError("parallel.cp", f"context parallelism combines with data parallelism only in this version "
-                                         f"(tp={layout.tp}, pp={layout.pp}); allowed: 1, or tp = pp = 1")
     halo = getattr(cfg, "conv_width", 1) - 1
     if work.seq_len // layout.cp < halo:
         raise LayoutError("parallel.cp", f"{work.seq_len // layout.cp} tokens per rank (data.seq_len={work.seq_len} / "

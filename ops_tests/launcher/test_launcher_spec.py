@@ -31,6 +31,8 @@ def test_shipped_configs_validate():
 
 def test_deltanet_context_parallel_spec_validates():
     validate(load_spec(LOCAL, ["model.arch=deltanet", "parallel.cp=2"]))
+    validate(load_spec(LOCAL, ["model.arch=deltanet", "parallel.cp=2", "parallel.tp=2", "parallel.pp=2",
+                               "cluster.workers=8", "parallel.zero=1"]))
 
 
 def test_overrides_are_typed_and_applied():
@@ -57,7 +59,6 @@ BAD = [
     (["fault.nonfinite=ignore"], "fault.nonfinite", ["ignore", "skip_step", "stop"]),
     (["parallel.cp=2"], "parallel.cp", ["'transformer'", "no context-parallel core", "allowed: 1"]),
     (["model.arch=deltanet", "model.hybrid=swa", "parallel.cp=2"], "parallel.cp", ["attention layers", "ring attention"]),
-    (["model.arch=deltanet", "parallel.cp=2", "parallel.tp=2", "cluster.workers=4"], "parallel.cp", ["tp=2", "allowed"]),
     (["model.arch=deltanet", "parallel.cp=2", "data.seq_len=4"], "parallel.cp", ["2 tokens per rank", "3-token halo"]),
     (["model.arch=deltanet", "model.hybrid=mamba"], "model", ["mamba", "none, swa, global"]),
     (["parallel.tp=3", "cluster.workers=3"], "parallel.tp", ["n_heads=4", "tp=3", "4 % 3 = 1"]),

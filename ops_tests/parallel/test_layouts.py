@@ -40,9 +40,13 @@ LAYOUTS = {
     "cp4": dict(cp=4, zero=1),
     "cp2xdp2": dict(cp=2, dp=2, zero=1),
     "cp2-zero2": dict(cp=2, zero=2),
+    "tp2xcp2": dict(tp=2, cp=2, zero=1),
+    "pp2xcp2": dict(pp=2, cp=2, zero=1),
+    "tp2+spxcp2": dict(tp=2, cp=2, sp=True, zero=1),
 }
 # Every layout for the main variant; the tied-embedding variant where tying changes the code path.
-CP_LAYOUTS = ("cp2", "cp4", "cp2xdp2", "cp2-zero2")  # context parallelism needs a model with a sequence-mixing core (DeltaNet)
+# context parallelism needs a model with a sequence-mixing core (DeltaNet)
+CP_LAYOUTS = ("cp2", "cp4", "cp2xdp2", "cp2-zero2", "tp2xcp2", "pp2xcp2", "tp2+spxcp2")
 CASES = [("transformer", name) for name in LAYOUTS if name not in CP_LAYOUTS] + [
     ("transformer-tied", name) for name in ("tp2", "tp2+sp", "pp2", "tp2xpp2")
 ] + [("deltanet", name) for name in ("tp2", "tp2+sp", "pp2", *CP_LAYOUTS)] + [
