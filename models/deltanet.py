@@ -19,7 +19,7 @@ from models.layers.attention import Attention
 from models.layers.delta_net import DeltaNetMixer
 from models.layers.mlp import SwiGLU
 from models.layers.norm import RMSNorm
-from models.registry import ModelSpec, PipeBlock, register
+from models.registry import ModelSpec, lm_pipeline_blocks, register
 
 HYBRIDS = ("none", "swa", "global")
 BACKENDS = ("auto", "torch", "triton")
@@ -230,21 +230,10 @@ TP_PLAN = {
 }
 
 
-def pipeline_blocks(model: DeltaNet) -> list[PipeBlock]:
-    """embedding, every layer, final norm, head: the same computation as `DeltaNet.forward`."""
-    if model.cfg.tie_embeddings:
-        shared = nn.ModuleDict({"tok_embeddings": model.tok_embeddings, "output": model.output})
-        embed = PipeBlock(shared, lambda m, tokens: m["tok_embeddings"](tokens), tie="embeddings")
-        head = PipeBlock(shared, lambda m, h: m["output"](h), tie="embeddings")
-    else:
-        embed, head = PipeBlock(model.tok_embeddings), PipeBlock(model.output)
-    return [embed, *(PipeBlock(layer) for layer in model.layers), PipeBlock(model.norm), head]
-
-
 register(
     ModelSpec(
         name="deltanet", config_cls=DeltaNetConfig, presets=PRESETS, model_cls=DeltaNet, tp_plan=TP_PLAN,
-        pipeline_blocks=pipeline_blocks, cp_core="layers.*.mixer.core", num_params=num_params,
+        pipeline_blocks=lm_pipeline_blocks, cp_core="layers.*.mixer.core", num_params=num_params,
         flops_per_token=flops_per_token,
     )
 )

@@ -30,6 +30,18 @@ class PipeBlock:
     tie: str | None = None
 
 
+def lm_pipeline_blocks(model: nn.Module) -> list[PipeBlock]:
+    """embedding, every layer, final norm, head, for a decoder LM with attributes `tok_embeddings`,
+    `layers`, `norm`, `output` and `cfg.tie_embeddings` (a tied embedding and head share one block module)."""
+    if model.cfg.tie_embeddings:
+        shared = nn.ModuleDict({"tok_embeddings": model.tok_embeddings, "output": model.output})
+        embed = PipeBlock(shared, lambda m, tokens: m["tok_embeddings"](tokens), tie="embeddings")
+        head = PipeBlock(shared, lambda m, h: m["output"](h), tie="embeddings")
+    else:
+        embed, head = PipeBlock(model.tok_embeddings), PipeBlock(model.output)
+    return [embed, *(PipeBlock(layer) for layer in model.layers), PipeBlock(model.norm), head]
+
+
 @dataclass
 class ModelSpec:
     name: str

@@ -12,7 +12,7 @@ from models.config import positive_ints, round_up
 from models.layers.attention import Attention
 from models.layers.mlp import SwiGLU
 from models.layers.norm import RMSNorm
-from models.registry import ModelSpec, PipeBlock, register
+from models.registry import ModelSpec, lm_pipeline_blocks, register
 
 
 @dataclass
@@ -159,20 +159,9 @@ TP_PLAN = {
 
 
 
-def pipeline_blocks(model: Transformer) -> list[PipeBlock]:
-    """embedding, every layer, final norm, head: the same computation as `Transformer.forward`."""
-    if model.cfg.tie_embeddings:
-        shared = nn.ModuleDict({"tok_embeddings": model.tok_embeddings, "output": model.output})
-        embed = PipeBlock(shared, lambda m, tokens: m["tok_embeddings"](tokens), tie="embeddings")
-        head = PipeBlock(shared, lambda m, h: m["output"](h), tie="embeddings")
-    else:
-        embed, head = PipeBlock(model.tok_embeddings), PipeBlock(model.output)
-    return [embed, *(PipeBlock(layer) for layer in model.layers), PipeBlock(model.norm), head]
-
-
 register(
     ModelSpec(
         name="transformer", config_cls=TransformerConfig, presets=PRESETS, model_cls=Transformer,
-        tp_plan=TP_PLAN, pipeline_blocks=pipeline_blocks, num_params=num_params, flops_per_token=flops_per_token,
+        tp_plan=TP_PLAN, pipeline_blocks=lm_pipeline_blocks, num_params=num_params, flops_per_token=flops_per_token,
     )
 )
