@@ -54,6 +54,8 @@ class ModelSpec:
     expert_bank: str | None = None  # submodule-name pattern of the expert bank swapped for expert parallel
     num_params: Callable[[Any], int] | None = None  # cfg -> parameter count (tied weights once)
     flops_per_token: Callable[[Any, int], float] | None = None  # (cfg, seq_len) -> training FLOPs per token
+    # (cfg, aux) -> loss term, for models whose training forward returns (logits, aux); None: aux.sum()
+    aux_loss: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
 
 
 _SPECS: dict[str, ModelSpec] = {}

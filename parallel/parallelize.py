@@ -5,6 +5,7 @@ the worker, the layout harness and the benchmarks build every layout the same wa
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -14,7 +15,7 @@ import models
 from parallel.apply_tp import apply_tensor_parallel
 from parallel.context import apply_context_parallel
 from parallel.pipeline import build_pipeline
-from parallel.step import lm_loss
+from parallel.step import lm_loss, with_aux_loss
 from parallel.tensor import vocab_parallel_loss
 from parallel.topology import ProcessGroups
 
@@ -39,9 +40,11 @@ def parallelize(model: nn.Module, arch: str, groups: ProcessGroups, *, sequence_
             raise ValueError(f"model arch {arch!r} declares no context-parallel core; cp must be 1")
         if not apply_context_parallel(model, spec.cp_core, groups["cp"]):
             raise ValueError(f"model arch {arch!r} has no layer matching its context-parallel core {spec.cp_core!r}")
+    aux_loss = functools.partial(spec.aux_loss, model.cfg) if spec.aux_loss is not None else None
     if topo.pp > 1:
         if spec.pipeline_blocks is None:
             raise ValueError(f"model arch {arch!r} declares no pipeline blocks; pp must be 1")
         model = build_pipeline(model, spec.pipeline_blocks(model), topo, loss_fn, partition=partition,
-                               activation_checkpoint_interval=1 if activation_checkpointing else 0)
-    return model, loss_fn
+                               activation_checkpoint_interval=1 if activation_checkpointing else 0,
+                               aux_loss=aux_loss)
+    return model, with_aux_loss(loss_fn, aux_loss)

@@ -4,7 +4,7 @@ The model is built (and TP-sharded) at full size first, so every layout starts f
 weights; each stage then keeps the blocks it owns. Blocks sharing a `tie` key become one
 `TiedLayerSpec`: the shared module lives on every stage that uses it and DeepSpeed sums its
 gradients across them. A block may return `(x, aux)`; the running aux loss travels with the
-activations and is added to the loss on the last stage.
+activations (summed block by block) and becomes a loss term on the last stage.
 
 Parameters keep their single-process names: `canonical_parameters` maps a pipeline's
 `<layer>.<...>` names back, which checkpoints, exports and the layout harness rely on.
@@ -19,6 +19,7 @@ from torch import nn
 
 from models.registry import PipeBlock
 from parallel.distributed import skip_cpu_shm_build
+from parallel.step import with_aux_loss
 from parallel.topology import Topology
 
 PARTITION_METHODS = ("parameters", "uniform")
@@ -79,18 +80,11 @@ def _run_tied(fn: Callable | None, held: _Held, inputs):  # noqa: ANN001, ANN202
     return _run(fn, held.block, inputs)
 
 
-def _with_aux(loss_fn: Callable) -> Callable:
-    def loss(outputs, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        if isinstance(outputs, tuple):
-            logits, aux = outputs
-            return loss_fn(logits, targets) + aux.sum()
-        return loss_fn(outputs, targets)
-    return loss
-
-
 def build_pipeline(model: nn.Module, blocks: list[PipeBlock], topology: Topology, loss_fn: Callable, *,
-                   partition: str = "parameters", activation_checkpoint_interval: int = 0) -> nn.Module:
-    """A `PipelineModule` over `blocks` (which must compute `model`'s forward); collective."""
+                   partition: str = "parameters", activation_checkpoint_interval: int = 0,
+                   aux_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
+    """A `PipelineModule` over `blocks` (which must compute `model`'s forward); collective. The aux that
+    travels with the activations becomes `aux_loss(aux)` on the last stage (default: its sum)."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
@@ -116,7 +110,7 @@ def build_pipeline(model: nn.Module, blocks: list[PipeBlock], topology: Topology
             self._set_bounds(start=bounds[stage], stop=bounds[stage + 1])
 
     checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    pipe = _Pipe(layers, topology=topology.to_deepspeed(), loss_fn=_with_aux(loss_fn),
+    pipe = _Pipe(layers, topology=topology.to_deepspeed(), loss_fn=with_aux_loss(loss_fn, aux_loss),
                  partition_method=partition, activation_checkpoint_interval=activation_checkpoint_interval,
                  activation_checkpoint_func=checkpoint)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -15,6 +15,20 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def with_aux_loss(loss_fn: LossFn, aux_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable:
+    """A loss over model outputs that may be `(logits, aux)` (training forward of a model with auxiliary
+    terms): loss_fn(logits) + aux_loss(aux), aux.sum() without `aux_loss`. Plain logits: loss_fn alone."""
+    def loss(outputs, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        if isinstance(outputs, tuple):
+            logits, aux = outputs
+            return loss_fn(logits, targets) + (aux.sum() if aux_loss is None else aux_loss(aux))
+        return loss_fn(outputs, targets)
+    return loss
+
+
 def split_batch(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed sample holds seq_len + 1 tokens: inputs are the first seq_len, targets the last."""
     batch = batch.to(device, non_blocking=True)

@@ -1,0 +1,65 @@
+"""σ-MoE feed-forward (MoEUT §1.1): sigmoid router, top-k without renormalisation, experts on the raw residual.
+
+The expert bank is its own module so that `parallel/` can swap it for an expert-parallel one: it maps
+(rows, expert ids, gates) to the gated sum of expert outputs and knows nothing about routing.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kernels.moe import expert_mlp
+from models.layers.norm import upcast
+
+
+class ExpertBank(nn.Module):
+    """E two-layer ReLU experts: keys [E, d, es], values [E, es, d], no biases."""
+
+    def __init__(self, num_experts: int, dim: int, expert_size: int, block: int | None = None, backend: str = "auto"):
+        super().__init__()
+        self.keys = nn.Parameter(torch.empty(num_experts, dim, expert_size))
+        self.values = nn.Parameter(torch.empty(num_experts, expert_size, dim))
+        self.block, self.backend = block, backend
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """x [N, d], expert_ids and gates [N, k] -> [N, d] = Σ_j gates[:, j] · relu(x keys_e) values_e."""
+        k = expert_ids.shape[-1]
+        return expert_mlp(x, expert_ids, gates.to(x.dtype), self.keys, self.values, fan_in=k, fan_out=k,
+                          block=self.block, backend=self.backend)
+
+
+def renorm_keep_std(w: torch.Tensor) -> None:
+    """Rows to equal norm, then one global scale back to the original std (MoEUT's router init)."""
+    std = w.std()
+    w.div_(w.norm(dim=-1, keepdim=True))
+    w.mul_(std / w.std())
+
+
+class SigmaMoE(nn.Module):
+    def __init__(self, dim: int, num_experts: int, expert_size: int, top_k: int, block: int | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Parameter(torch.empty(num_experts, dim))  # W_sel
+        self.experts = ExpertBank(num_experts, dim, expert_size, block, backend)
+
+    @torch.no_grad()
+    def init_weights(self, scale: float) -> None:
+        """scale = √(2 / total depth); spec §1.5."""
+        E, d, es = self.experts.keys.shape
+        nn.init.normal_(self.router, std=scale / math.sqrt(d))
+        renorm_keep_std(self.router)
+        nn.init.normal_(self.experts.keys, std=scale / math.sqrt(d))
+        nn.init.normal_(self.experts.values, std=scale / math.sqrt(E * es))
+
+    def forward(self, x: torch.Tensor, sel_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, sel_input [B, T, d] -> (output [B, T, d], per-sequence mean router softmax [B, E] in fp32).
+
+        The second output feeds the entropy regulariser (§1.4): a softmax of the raw logits although
+        routing uses the sigmoid."""
+        logits = upcast(sel_input) @ upcast(self.router).t()  # routing in fp32 or wider (determinism, §3.3)
+        gates, ids = torch.topk(torch.sigmoid(logits), self.top_k, dim=-1, sorted=True)
+        y = self.experts(x.reshape(-1, x.shape[-1]), ids.reshape(-1, self.top_k), gates.reshape(-1, self.top_k))
+        return y.view_as(x), torch.softmax(logits, dim=-1).mean(dim=1)

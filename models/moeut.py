@@ -1,0 +1,232 @@
+"""MoEUT (Csordás et al., 2024): a universal transformer of G distinct layers applied R = L / G times, each
+layer SwitchHead attention + σ-MoE feed-forward, with the peri-layernorm scheme. Spec: specs/moeut.md §1.
+
+Training-mode forward returns (logits, aux): aux [B, S] holds, per distinct layer, each router's softmax
+averaged over positions and applications (sums of per-application terms, so pipeline stages can add
+theirs as the activations travel); `entropy_regularizer` turns it into the loss term of §1.4.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.moe.dispatch import BACKENDS
+from models.config import positive_ints
+from models.layers.sigma_moe import SigmaMoE
+from models.layers.switch_head import SwitchHeadAttention
+from models.registry import ModelSpec, PipeBlock, register
+
+GROUP_ORDERS = ("abab", "aabb")
+
+
+@dataclass
+class MoEUTConfig:
+    arch: ClassVar[str] = "moeut"
+
+    d_model: int
+    n_layers: int  # total depth L = group_size x repeats
+    group_size: int  # G distinct layers
+    n_heads: int
+    head_dim: int
+    att_n_experts: int  # NA per head
+    n_experts: int  # NE σ-MoE experts
+    top_k: int
+    expert_size: int = 128
+    att_top_k: int = 2
+    vocab_size: int = 8000
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    entropy_reg: float = 0.01  # γ, σ-MoE routers
+    att_entropy_reg: float = 0.001  # δ, SwitchHead routers
+    group_order: str = "abab"  # "abab": 1..G, 1..G, ...; "aabb": each layer R times in a row
+    moe_block: int | None = None  # dispatch tile rows; None: 64 on a GPU, 1 on CPU
+    moe_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        positive_ints(self, "d_model", "n_layers", "group_size", "n_heads", "head_dim", "att_n_experts",
+                      "n_experts", "top_k", "expert_size", "att_top_k", "vocab_size", "max_seq_len")
+        if self.n_layers % self.group_size:
+            raise ValueError(f"MoEUTConfig.n_layers={self.n_layers} must be a multiple of group_size={self.group_size}")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"MoEUTConfig.top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        if self.group_order not in GROUP_ORDERS:
+            raise ValueError(f"MoEUTConfig.group_order={self.group_order!r}; allowed: {', '.join(GROUP_ORDERS)}")
+        if self.moe_backend not in BACKENDS:
+            raise ValueError(f"MoEUTConfig.moe_backend={self.moe_backend!r}; allowed: {', '.join(BACKENDS)}")
+        if self.moe_block is not None:
+            positive_ints(self, "moe_block")
+        for name in ("rope_theta", "norm_eps"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ValueError(f"MoEUTConfig.{name} must be a positive number, got {getattr(self, name)!r}")
+        for name in ("entropy_reg", "att_entropy_reg"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
+                raise ValueError(f"MoEUTConfig.{name} must be a number >= 0, got {getattr(self, name)!r}")
+
+    @property
+    def repeats(self) -> int:
+        return self.n_layers // self.group_size
+
+    @property
+    def att_top(self) -> int:
+        return min(self.att_top_k, self.att_n_experts)
+
+    def schedule(self) -> list[int]:
+        """Which distinct layer runs at each depth."""
+        G, R = self.group_size, self.repeats
+        return [i for _ in range(R) for i in range(G)] if self.group_order == "abab" else \
+            [i for i in range(G) for _ in range(R)]
+
+    def stats_width(self) -> int:
+        """Width of one distinct layer's router statistics: σ-MoE E, then V and O H·NA (none when NA = 1)."""
+        att = 2 * self.n_heads * self.att_n_experts if self.att_n_experts > 1 else 0
+        return self.n_experts + att
+
+
+class MoEUTLayer(nn.Module):
+    def __init__(self, cfg: MoEUTConfig, index: int):
+        super().__init__()
+        self.cfg, self.index = cfg, index
+        self.attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = SwitchHeadAttention(cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.att_n_experts, cfg.att_top_k,
+                                        cfg.max_seq_len, cfg.rope_theta, cfg.moe_block, cfg.moe_backend)
+        self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = SigmaMoE(cfg.d_model, cfg.n_experts, cfg.expert_size, cfg.top_k, cfg.moe_block, cfg.moe_backend)
+
+    def init_weights(self, scale: float) -> None:
+        for norm in (self.attn_norm, self.ffn_norm):
+            norm.reset_parameters()
+        self.attn.init_weights(scale)
+        self.ffn.init_weights(scale)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Peri-LN: the norms feed only Q, K and the routers; values, experts and the residual see raw x.
+        Returns (x, aux or None outside training): aux [B, S], this layer's statistics in its slot."""
+        att, att_stats = self.attn(self.attn_norm(x), x)
+        x = x + att
+        y, ffn_stats = self.ffn(x, self.ffn_norm(x))
+        x = x + y
+        if not self.training:
+            return x, None
+        stats = torch.cat([ffn_stats, *(s.flatten(1) for s in att_stats)], dim=1) / self.cfg.repeats
+        width = stats.shape[1]
+        before = self.index * width
+        return x, F.pad(stats, (before, (self.cfg.group_size - 1 - self.index) * width))
+
+
+class MoEUT(nn.Module):
+    def __init__(self, cfg: MoEUTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(MoEUTLayer(cfg, i) for i in range(cfg.group_size))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The paper's initialisation (§1.5), from the current RNG in a fixed order."""
+        scale = math.sqrt(2 / self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=1 / math.sqrt(self.cfg.d_model))
+        for layer in self.layers:
+            layer.init_weights(scale)
+        self.norm.reset_parameters()
+        self.output.reset_parameters()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, T] -> logits [B, T, vocab]; in training mode (logits, aux) (see the module doc)."""
+        if tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
+        h, aux = self.tok_embeddings(tokens), None
+        for i in self.cfg.schedule():
+            h, a = self.layers[i](h)
+            if a is not None:
+                aux = a if aux is None else aux + a
+        logits = self.output(self.norm(h))
+        return logits if aux is None else (logits, aux)
+
+
+def _neg_entropy(p: torch.Tensor) -> torch.Tensor:
+    """−H(p) over the last dim, averaged over the rest."""
+    return (p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1).mean()
+
+
+def entropy_regularizer(cfg: MoEUTConfig, aux: torch.Tensor) -> torch.Tensor:
+    """γ·Σ_ffn(−mean_b H(p̄_b)) + δ·Σ_attn(−mean_{b,h} H) for V and O routers (spec §1.4), from the
+    model's aux [B, G·stats_width]."""
+    E, width = cfg.n_experts, cfg.stats_width()
+    total = aux.new_zeros(())
+    for seg in aux.split(width, dim=1):
+        total = total + cfg.entropy_reg * _neg_entropy(seg[:, :E])
+        if width > E:
+            for att in seg[:, E:].chunk(2, dim=1):
+                total = total + cfg.att_entropy_reg * _neg_entropy(att.unflatten(1, (-1, cfg.att_n_experts)))
+    return total
+
+
+def pipeline_blocks(model: MoEUT) -> list[PipeBlock]:
+    """Embedding, one block per depth (shared layers tied across the stages that run them), norm, head."""
+    def run_layer(layer: nn.Module, x: torch.Tensor):  # noqa: ANN202 - tensor or (tensor, aux)
+        h, aux = layer(x)
+        return h if aux is None else (h, aux)
+
+    depth = [PipeBlock(model.layers[i], run_layer, tie=f"moeut_layer_{i}") for i in model.cfg.schedule()]
+    return [PipeBlock(model.tok_embeddings), *depth, PipeBlock(model.norm), PipeBlock(model.output)]
+
+
+def macs_per_token(cfg: MoEUTConfig) -> int:
+    """Projection multiply-accumulates per token, routers included, attention matrix and LM head excluded
+    (the spec's §1.6 convention)."""
+    d, H, dh, NA = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.att_n_experts
+    ffn = cfg.n_experts * d + 2 * cfg.top_k * cfg.expert_size * d
+    routers = (2 if NA > 1 else 1) * H * NA * d
+    att = 2 * d * H * dh + 2 * H * cfg.att_top * d * dh + routers
+    return cfg.n_layers * (ffn + att)
+
+
+def num_params(cfg: MoEUTConfig) -> int:
+    d, H, dh, NA, E = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.att_n_experts, cfg.n_experts
+    ffn = 2 * E * d * cfg.expert_size + E * d
+    att = 2 * d * H * dh + 2 * H * NA * d * dh + (2 if NA > 1 else 1) * H * NA * d
+    layer = ffn + att + 4 * d  # + two LayerNorms
+    return cfg.group_size * layer + 2 * d + cfg.vocab_size * d + (d + 1) * cfg.vocab_size
+
+
+def flops_per_token(cfg: MoEUTConfig, seq_len: int) -> float:
+    """6 x active MACs per token (forward 2, backward 4 FLOPs each), LM head included, plus QKᵀ and AV."""
+    active = macs_per_token(cfg) + cfg.d_model * cfg.vocab_size
+    return 6.0 * active + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+_ES = dict(expert_size=128, att_top_k=2, vocab_size=8000)
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=64, n_layers=4, group_size=2, n_heads=2, head_dim=16, att_n_experts=4, n_experts=8,
+                 top_k=2, expert_size=16),
+    "44m": dict(d_model=412, n_layers=16, group_size=2, n_heads=4, head_dim=82, att_n_experts=8, n_experts=155,
+                top_k=12, **_ES),
+    "126m": dict(d_model=768, n_layers=18, group_size=2, n_heads=4, head_dim=96, att_n_experts=10, n_experts=254,
+                 top_k=12, **_ES),
+    "244m": dict(d_model=1024, n_layers=18, group_size=2, n_heads=4, head_dim=128, att_n_experts=10,
+                 n_experts=387, top_k=16, **_ES),
+    "318m": dict(d_model=1024, n_layers=24, group_size=3, n_heads=4, head_dim=128, att_n_experts=10,
+                 n_experts=338, top_k=16, **_ES),
+    # profiles.py says d_model 1024 (581.9M parameters); the paper's run used 1280 (727.4M): spec §1.6.
+    "727m": dict(d_model=1280, n_layers=36, group_size=4, n_heads=5, head_dim=128, att_n_experts=13,
+                 n_experts=467, top_k=20, **_ES),
+    "1b": dict(d_model=1536, n_layers=36, group_size=4, n_heads=6, head_dim=128, att_n_experts=12, n_experts=565,
+               top_k=24, **_ES),
+}
+
+register(
+    ModelSpec(
+        name="moeut", config_cls=MoEUTConfig, presets=PRESETS, model_cls=MoEUT, pipeline_blocks=pipeline_blocks,
+        expert_bank="layers.*.ffn.experts", num_params=num_params, flops_per_token=flops_per_token,
+        aux_loss=entropy_regularizer,
+    )
+)
