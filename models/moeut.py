@@ -104,16 +104,18 @@ class MoEUTLayer(nn.Module):
         self.attn.init_weights(scale)
         self.ffn.init_weights(scale)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Peri-LN: the norms feed only Q, K and the routers; values, experts and the residual see raw x.
-        Returns (x, aux or None outside training): aux [B, S], this layer's statistics in its slot."""
+        Returns (x, aux): aux [B, S], this layer's statistics in its slot (zeros outside training)."""
         att, att_stats = self.attn(self.attn_norm(x), x)
         x = x + att
         y, ffn_stats = self.ffn(x, self.ffn_norm(x))
         x = x + y
-        if not self.training:
-            return x, None
         stats = torch.cat([ffn_stats, *(s.flatten(1) for s in att_stats)], dim=1) / self.cfg.repeats
+        if not self.training:
+            # Zeros keep the outputs' structure fixed (DeepSpeed's pipeline fixes it at the first step)
+            # and make the regulariser exactly 0: evaluation measures cross-entropy alone.
+            stats = torch.zeros_like(stats)
         width = stats.shape[1]
         before = self.index * width
         return x, F.pad(stats, (before, (self.cfg.group_size - 1 - self.index) * width))
@@ -143,13 +145,12 @@ class MoEUT(nn.Module):
         """tokens [B, T] -> logits [B, T, vocab]; in training mode (logits, aux) (see the module doc)."""
         if tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
-        h, aux = self.tok_embeddings(tokens), None
+        h, aux = self.tok_embeddings(tokens), 0
         for i in self.cfg.schedule():
             h, a = self.layers[i](h)
-            if a is not None:
-                aux = a if aux is None else aux + a
+            aux = aux + a
         logits = self.output(self.norm(h))
-        return logits if aux is None else (logits, aux)
+        return (logits, aux) if self.training else logits
 
 
 def _neg_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -172,11 +173,7 @@ def entropy_regularizer(cfg: MoEUTConfig, aux: torch.Tensor) -> torch.Tensor:
 
 def pipeline_blocks(model: MoEUT) -> list[PipeBlock]:
     """Embedding, one block per depth (shared layers tied across the stages that run them), norm, head."""
-    def run_layer(layer: nn.Module, x: torch.Tensor):  # noqa: ANN202 - tensor or (tensor, aux)
-        h, aux = layer(x)
-        return h if aux is None else (h, aux)
-
-    depth = [PipeBlock(model.layers[i], run_layer, tie=f"moeut_layer_{i}") for i in model.cfg.schedule()]
+    depth = [PipeBlock(model.layers[i], tie=f"moeut_layer_{i}") for i in model.cfg.schedule()]
     return [PipeBlock(model.tok_embeddings), *depth, PipeBlock(model.norm), PipeBlock(model.output)]
 
 

@@ -65,12 +65,20 @@ def deepspeed_config(cfg: EngineConfig) -> dict:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings; never norms' gains or biases."""
+    """Decay matrices and embeddings; never norms' gains or biases. Expert-parallel parameters go to
+    groups of their own marked `moe` (DeepSpeed's convention: ZeRO partitions those over the
+    expert-data-parallel group)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    out = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+           {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    if any(getattr(p, "allreduce", True) is False for p in model.parameters()):
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        out = [g for g in split_params_into_different_moe_groups_for_optimizer(out) if g["params"]]
+    return out
 
 
 def build_engine(model: nn.Module, cfg: EngineConfig, groups: ProcessGroups | None = None):
@@ -92,6 +100,7 @@ def build_engine(model: nn.Module, cfg: EngineConfig, groups: ProcessGroups | No
         max_norm=cfg.grad_clip if cfg.zero == 0 else 0.0,
         tp_group=groups["tp"] if topo is not None and topo.tp > 1 else None,
         pp_group=groups["pp"] if topo is not None and topo.pp > 1 else None,
+        ep_group=groups["ep"] if topo is not None and topo.ep > 1 else None,
     )
     mpu = MPU(groups) if groups is not None and not is_pipeline(model) else None
     schedule = functools.partial(

@@ -15,9 +15,10 @@ import torch.distributed as dist
 
 
 class FiniteAdamW(torch.optim.AdamW):
-    def __init__(self, params, *, max_norm: float = 0.0, tp_group=None, pp_group=None, **kwargs):  # noqa: ANN001
+    def __init__(self, params, *, max_norm: float = 0.0, tp_group=None, pp_group=None, ep_group=None,  # noqa: ANN001
+                 **kwargs):
         super().__init__(params, **kwargs)
-        self.max_norm, self.tp_group, self.pp_group = max_norm, tp_group, pp_group
+        self.max_norm, self.tp_group, self.pp_group, self.ep_group = max_norm, tp_group, pp_group, ep_group
         self.overflow = False
         self._global_grad_norm: float | None = None
 
@@ -28,16 +29,23 @@ class FiniteAdamW(torch.optim.AdamW):
             return super().step(closure)
         grads = [p.grad for p in params]
         # A TP-sharded parameter's squares are summed over the TP group; a replicated one counts once.
+        # An expert shard's squares are summed over the ep group (each rank holds different experts).
         sharded = torch.zeros(1, device=grads[0].device)
         replicated = torch.zeros(1, device=grads[0].device)
+        experts = torch.zeros(1, device=grads[0].device)
         for p in params:
             if getattr(p, "ds_pipe_replicated", False):
                 continue  # a tied weight's copy on a later pipeline stage: its first stage counts it
-            acc = sharded if getattr(p, "tensor_model_parallel", False) else replicated
+            if getattr(p, "allreduce", True) is False:
+                acc = experts
+            else:
+                acc = sharded if getattr(p, "tensor_model_parallel", False) else replicated
             acc += p.grad.float().pow(2).sum()
         if self.tp_group is not None:
             dist.all_reduce(sharded, group=self.tp_group)
-        sq = sharded + replicated
+        if self.ep_group is not None:
+            dist.all_reduce(experts, group=self.ep_group)
+        sq = sharded + replicated + experts
         if self.pp_group is not None:
             dist.all_reduce(sq, group=self.pp_group)  # each stage holds different parameters
         if dist.is_initialized():

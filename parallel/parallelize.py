@@ -1,4 +1,4 @@
-"""Turn a full-size single-device model into this rank's part of the layout: TP/SP, CP, then PP.
+"""Turn a full-size single-device model into this rank's part of the layout: TP/SP, CP, EP, then PP.
 
 The one place that reads a model's registration (TP plan, pipeline blocks) and the topology, so
 the worker, the layout harness and the benchmarks build every layout the same way.
@@ -14,6 +14,7 @@ from torch import nn
 import models
 from parallel.apply_tp import apply_tensor_parallel
 from parallel.context import apply_context_parallel
+from parallel.expert import apply_expert_parallel
 from parallel.pipeline import build_pipeline
 from parallel.step import lm_loss, with_aux_loss
 from parallel.tensor import vocab_parallel_loss
@@ -40,6 +41,11 @@ def parallelize(model: nn.Module, arch: str, groups: ProcessGroups, *, sequence_
             raise ValueError(f"model arch {arch!r} declares no context-parallel core; cp must be 1")
         if not apply_context_parallel(model, spec.cp_core, groups["cp"]):
             raise ValueError(f"model arch {arch!r} has no layer matching its context-parallel core {spec.cp_core!r}")
+    if topo.ep > 1:
+        if spec.expert_bank is None:
+            raise ValueError(f"model arch {arch!r} declares no expert bank; ep must be 1")
+        if not apply_expert_parallel(model, spec.expert_bank, groups):
+            raise ValueError(f"model arch {arch!r} has no module matching its expert bank {spec.expert_bank!r}")
     aux_loss = functools.partial(spec.aux_loss, model.cfg) if spec.aux_loss is not None else None
     if topo.pp > 1:
         if spec.pipeline_blocks is None:

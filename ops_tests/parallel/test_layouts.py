@@ -22,6 +22,8 @@ ARCHS = {
     "deltanet-swa": ("deltanet", dict(d_model=64, n_layers=2, n_heads=4, chunk_size=16, hybrid="swa", window=6)),
     "deltanet-global": ("deltanet", dict(d_model=64, n_layers=3, n_heads=4, chunk_size=16, hybrid="global",
                                          attn_layers=[2])),
+    # 8 experts of width 16, top-2; SwitchHead with 4 experts per head; two shared layers applied twice
+    "moeut": ("moeut", dict()),
 }
 LAYOUTS = {
     "dp2-zero1": dict(dp=2, zero=1),
@@ -43,15 +45,21 @@ LAYOUTS = {
     "tp2xcp2": dict(tp=2, cp=2, zero=1),
     "pp2xcp2": dict(pp=2, cp=2, zero=1),
     "tp2+spxcp2": dict(tp=2, cp=2, sp=True, zero=1),
+    "ep2": dict(dp=2, ep=2, zero=1),
+    "ep2-zero0": dict(dp=2, ep=2, zero=0),
+    "ep2-zero2": dict(dp=2, ep=2, zero=2),
+    "ep2xdp2": dict(dp=4, ep=2, zero=1),
 }
 # Every layout for the main variant; the tied-embedding variant where tying changes the code path.
 # context parallelism needs a model with a sequence-mixing core (DeltaNet)
 CP_LAYOUTS = ("cp2", "cp4", "cp2xdp2", "cp2-zero2", "tp2xcp2", "pp2xcp2", "tp2+spxcp2")
-CASES = [("transformer", name) for name in LAYOUTS if name not in CP_LAYOUTS] + [
+# expert parallelism needs a model with an expert bank (MoEUT)
+EP_LAYOUTS = ("ep2", "ep2-zero0", "ep2-zero2", "ep2xdp2")
+CASES = [("transformer", name) for name in LAYOUTS if name not in CP_LAYOUTS + EP_LAYOUTS] + [
     ("transformer-tied", name) for name in ("tp2", "tp2+sp", "pp2", "tp2xpp2")
 ] + [("deltanet", name) for name in ("tp2", "tp2+sp", "pp2", *CP_LAYOUTS)] + [
     ("deltanet-swa", "tp2"), ("deltanet-global", "tp2"),
-]
+] + [("moeut", name) for name in ("pp2", *EP_LAYOUTS)]
 
 
 def _batches() -> list[torch.Tensor]:
@@ -68,6 +76,7 @@ def _train(rank: int, world: int, variant: str, layout: dict) -> dict:
     from parallel.engine import EngineConfig, build_engine
     from parallel.parallelize import parallelize
     from parallel.context import context_slice
+    from parallel.expert import gather_experts
     from parallel.pipeline import canonical_parameters
     from parallel.pipeline import is_pipeline
     from parallel.step import eval_loss, train_step
@@ -76,8 +85,8 @@ def _train(rank: int, world: int, variant: str, layout: dict) -> dict:
 
     arch, overrides = ARCHS[variant]
     tp, dp, pp, zero = layout.get("tp", 1), layout.get("dp", 1), layout.get("pp", 1), layout.get("zero", 1)
-    cp = layout.get("cp", 1)
-    topo = Topology(tp=tp, dp=dp, pp=pp, cp=cp)
+    cp, ep = layout.get("cp", 1), layout.get("ep", 1)
+    topo = Topology(tp=tp, dp=dp, pp=pp, cp=cp, ep=ep)
     assert topo.world == world
     groups = build_groups(topo, rank)
     torch.manual_seed(0)
@@ -90,9 +99,11 @@ def _train(rank: int, world: int, variant: str, layout: dict) -> dict:
                                                warmup_steps=2, total_steps=STEPS, grad_clip=1.0,
                                                sequence_parallel=layout.get("sp", False)), groups)
     tp_group = groups["tp"] if tp > 1 else None
+    ep_group = groups["ep"] if ep > 1 else None
 
     def params() -> dict[str, torch.Tensor]:
-        return {n: gather_full(p, tp_group) for n, p in canonical_parameters(engine.module)}
+        return {n: gather_experts(p, ep_group) if getattr(p, "ep_shard_dim", None) is not None
+                else gather_full(p, tp_group) for n, p in canonical_parameters(engine.module)}
 
     dp_rank, cp_rank = topo.coords(rank)["dp"], topo.coords(rank)["cp"]
     initial = params()
