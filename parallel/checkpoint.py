@@ -268,19 +268,23 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def engine_layout(engine) -> dict[str, int]:  # noqa: ANN001
     """The degrees a DeepSpeed checkpoint is tied to; the manifest records them."""
+    from deepspeed.utils import groups as ds_groups
+
     mpu = getattr(engine, "mpu", None)
     tp = mpu.get_slice_parallel_world_size() if mpu is not None else 1
-    return {"tp": tp, "pp": getattr(engine, "num_stages", 1), "dp": engine.dp_world_size}
+    ep = max((int(name.rsplit("_", 1)[1]) for name in ds_groups._get_expert_parallel_group_dict()), default=1) \
+        if getattr(engine, "has_moe_layers", False) else 1
+    return {"tp": tp, "pp": getattr(engine, "num_stages", 1), "dp": engine.dp_world_size, "ep": ep}
 
 
 def _fmt(layout: dict[str, int]) -> str:
-    return " ".join(f"{k}={layout[k]}" for k in ("tp", "pp", "dp"))
+    return " ".join(f"{k}={layout[k]}" for k in ("tp", "pp", "dp", "ep"))
 
 
 def load(engine, path: Path) -> dict[str, Any]:
     """Collective: load engine, optimizer and scheduler state and this rank's RNG; returns the client state.
 
-    Same layout (tp, pp, dp) as when written: DeepSpeed's own checkpoint (bitwise exact). Any
+    Same layout (tp, pp, dp, ep) as when written: DeepSpeed's own checkpoint (bitwise exact). Any
     other layout (elastic resume, resharding): the consolidated export, re-sliced by this engine.
     """
     from parallel import consolidated
@@ -288,7 +292,7 @@ def load(engine, path: Path) -> dict[str, Any]:
     path = Path(path)
     manifest = read_manifest(path)
     now = engine_layout(engine)
-    written = {k: manifest.get(k, 1) for k in ("tp", "pp")} | {"dp": manifest.get("dp", now["dp"])}
+    written = {k: manifest.get(k, 1) for k in ("tp", "pp", "ep")} | {"dp": manifest.get("dp", now["dp"])}
     same = written == now
     if same:
         _, client = engine.load_checkpoint(

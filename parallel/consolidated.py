@@ -19,6 +19,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from parallel.expert import expert_group_of, gather_experts
 from parallel.pipeline import canonical_parameters
 from parallel.tensor import gather_full
 
@@ -93,6 +94,9 @@ def _full(engine, p: torch.nn.Parameter, key: str | None, tp_group) -> torch.Ten
     if getattr(p, "tp_shard_dim", None) is not None:
         t.tp_shard_dim = p.tp_shard_dim
         t = gather_full(t, tp_group)
+    if getattr(p, "ep_shard_dim", None) is not None:  # an expert shard: whole over the ep group
+        t.ep_shard_dim = p.ep_shard_dim
+        t = gather_experts(t, expert_group_of(p))
     return t.cpu().contiguous()
 
 
@@ -131,20 +135,29 @@ def gather(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return mine, trainer
 
 
+def _splits(p: torch.Tensor, tp_group) -> list[tuple[int, object]]:  # noqa: ANN001
+    """(dim, group) of each way `p` is sharded: TP, then expert parallel."""
+    out = []
+    if getattr(p, "tp_shard_dim", None) is not None and tp_group is not None:
+        out.append((p.tp_shard_dim, tp_group))
+    ep_group = expert_group_of(p)
+    if ep_group is not None:
+        out.append((p.ep_shard_dim, ep_group))
+    return out
+
+
 def _full_shape(p: torch.Tensor, tp_group) -> list[int]:  # noqa: ANN001
     shape = list(p.shape)
-    dim = getattr(p, "tp_shard_dim", None)
-    if dim is not None and tp_group is not None:
-        shape[dim] *= dist.get_world_size(tp_group)
+    for dim, group in _splits(p, tp_group):
+        shape[dim] *= dist.get_world_size(group)
     return shape
 
 
 def _my_shard(full: torch.Tensor, p: torch.Tensor, tp_group) -> torch.Tensor:  # noqa: ANN001
-    """This rank's TP slice of a whole tensor (the inverse of `gather_full`)."""
-    dim = getattr(p, "tp_shard_dim", None)
-    if dim is None or tp_group is None:
-        return full
-    return full.chunk(dist.get_world_size(tp_group), dim=dim)[dist.get_rank(tp_group)]
+    """This rank's TP / expert slice of a whole tensor (the inverse of `_full`)."""
+    for dim, group in reversed(_splits(p, tp_group)):
+        full = full.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)]
+    return full
 
 
 def write(out: Path, tensors: dict[str, torch.Tensor], trainer: dict[str, Any]) -> None:
@@ -162,6 +175,16 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
     return tensors, torch.load(Path(path) / TRAINER_STATE, weights_only=False)
+
+
+def _per_group(scheduler: dict[str, Any], n_groups: int) -> dict[str, Any]:
+    """A scheduler state for `n_groups` param groups: expert parallelism adds groups (its experts' own),
+    and every group follows the one schedule, so the first group's entries stand for all."""
+    state = dict(scheduler)
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+        if isinstance(state.get(key), list) and len(state[key]) != n_groups:
+            state[key] = [state[key][0]] * n_groups
+    return state
 
 
 @torch.no_grad()
@@ -198,7 +221,7 @@ def load(engine, path: Path) -> None:
         for state in _base_optimizer(engine).state.values():
             state["step"] = step.clone()
     if engine.lr_scheduler is not None and trainer["lr_scheduler"] is not None:
-        engine.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+        engine.lr_scheduler.load_state_dict(_per_group(trainer["lr_scheduler"], len(engine.optimizer.param_groups)))
         # The scheduler sets the groups' lr only when it steps: the next update must use the saved one.
         for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr

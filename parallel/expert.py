@@ -92,6 +92,30 @@ def _bank_class() -> type:
     return ExpertParallelBank
 
 
+# DeepSpeed's native MoE checkpoint layout names each expert's tensors `<layer>.deepspeed_moe.experts.
+# deepspeed_experts.<id>.<name>` and writes one file per (layer, global expert): ep-independent.
+DS_EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts."
+EXPERT_TENSORS = ("keys", "values")
+
+
+def _state_dict_per_expert(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """The bank's [E_local, ...] tensors as one entry per local expert, so DeepSpeed's MoE checkpoint
+    writes them one file per global expert (and keeps them out of the replicated model states)."""
+    for name in EXPERT_TENSORS:
+        stacked = state_dict.pop(prefix + name, None)
+        if stacked is not None:
+            for j, t in enumerate(stacked.unbind(0)):
+                state_dict[f"{prefix}{DS_EXPERT_KEY}{j}.{name}"] = t
+
+
+def _load_per_expert(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:  # noqa: ANN002
+    """The inverse on load: DeepSpeed hands back per-local-expert entries; stack them again."""
+    for name in EXPERT_TENSORS:
+        keys = [f"{prefix}{DS_EXPERT_KEY}{j}.{name}" for j in range(module.num_local_experts)]
+        if all(k in state_dict for k in keys):
+            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+
+
 def _register_deepspeed_groups(groups: ProcessGroups) -> str:
     """Hand our ep / expert-data-parallel groups to DeepSpeed's registry under its naming convention."""
     from deepspeed.utils import groups as ds_groups
@@ -129,8 +153,19 @@ def apply_expert_parallel(model: nn.Module, pattern: str, groups: ProcessGroups)
         module.__class__ = cls
         module.ep_group, module.ep_size, module.num_experts = groups["ep"], ep, num_experts
         module.num_local_experts, module.expert_group_name = local, name
+        module.register_state_dict_post_hook(_state_dict_per_expert)
+        module.register_load_state_dict_pre_hook(_load_per_expert)
         n += 1
     return n
+
+
+def expert_group_of(p: torch.Tensor):  # noqa: ANN201
+    """The ep group an expert-sharded parameter is split over; None for any other parameter."""
+    if getattr(p, "ep_shard_dim", None) is None:
+        return None
+    from deepspeed.utils import groups as ds_groups
+
+    return ds_groups._get_expert_parallel_group(p.group_name)
 
 
 def gather_experts(p: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
