@@ -324,7 +324,7 @@ def cmd_plan(args) -> int:
     # "auto" is what a job started from this machine would pick; --set cluster.device=cuda plans a GPU job anywhere.
     cuda = spec.cluster.device == "cuda" or (spec.cluster.device == "auto" and torch.cuda.is_available())
     layout = Layout(tp=p.tp, pp=p.pp, dp=dp, cp=p.cp, zero=p.zero, sequence_parallel=p.sequence_parallel,
-                    partition=p.pipeline_partition)
+                    partition=p.pipeline_partition, ep=p.ep)
     work = Workload(seq_len=d.seq_len, micro_batch=d.micro_batch, grad_accum=d.global_batch // (d.micro_batch * dp),
                     dtype=resolve_dtype(spec.train.dtype, torch.device("cuda" if cuda else "cpu")))
     # DeepSpeed (imported for the pipeline's stage bounds) logs to stdout, which --json keeps pure.

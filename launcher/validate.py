@@ -17,9 +17,7 @@ CHOICES = {
 }
 
 # Layout degrees whose implementation has not landed yet: refused with the reason, never ignored.
-NOT_YET = {
-    "parallel.ep": "expert parallelism",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def _get(spec: JobSpec, key: str):
@@ -106,7 +104,7 @@ def _validate_layout(spec: JobSpec, dp: int) -> None:
 
     p, d = spec.parallel, spec.data
     layout = Layout(tp=p.tp, pp=p.pp, dp=dp, cp=p.cp, zero=p.zero, sequence_parallel=p.sequence_parallel,
-                    partition=p.pipeline_partition)
+                    partition=p.pipeline_partition, ep=p.ep)
     work = Workload(seq_len=d.seq_len, micro_batch=d.micro_batch, grad_accum=d.global_batch // (d.micro_batch * dp))
     try:
         validate_layout(model_config(spec, vocab_size=d.vocab_size), layout, work)

@@ -20,6 +20,8 @@ DeepSpeed's data-parallel group (`mpu.py`).
 """
 from __future__ import annotations
 
+import fnmatch
+
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -49,6 +51,7 @@ class Layout:
     zero: int = 0
     sequence_parallel: bool = False
     partition: str = "parameters"
+    ep: int = 1  # experts sharded over ep ranks of the dp×cp plane (not a factor of the world size)
 
     @property
     def world(self) -> int:
@@ -233,6 +236,8 @@ def check_layout(cfg, layout: Layout, work: Workload) -> None:  # noqa: ANN001
         raise LayoutError("parallel.cp", f"data.seq_len={work.seq_len} is not divisible by cp={layout.cp}")
     if layout.cp > 1:
         _check_context_parallel(cfg, layout, work)
+    if layout.ep > 1:
+        _check_expert_parallel(cfg, layout)
     if layout.sequence_parallel and (work.seq_len // layout.cp) % layout.tp:
         raise LayoutError("parallel.sequence_parallel", f"the sequence per rank ({work.seq_len // layout.cp}) is not divisible by tp={layout.tp}")
 
@@ -247,6 +252,37 @@ def _check_context_parallel(cfg, layout: Layout, work: Workload) -> None:  # noq
     if work.seq_len // layout.cp < halo:
         raise LayoutError("parallel.cp", f"{work.seq_len // layout.cp} tokens per rank (data.seq_len={work.seq_len} / "
                                          f"cp={layout.cp}) is shorter than the short conv's {halo}-token halo")
+
+
+def _check_expert_parallel(cfg, layout: Layout) -> None:  # noqa: ANN001
+    if models.get_spec(cfg.arch).expert_bank is None:
+        raise LayoutError("parallel.ep", f"model arch {cfg.arch!r} has no experts to shard; allowed: 1")
+    plane = layout.dp * layout.cp
+    if plane % layout.ep:
+        raise LayoutError("parallel.ep", f"ep={layout.ep} must divide dp×cp = {layout.dp}×{layout.cp} = {plane} "
+                                         "(experts are sharded over data-parallel ranks)")
+    experts = getattr(cfg, "n_experts", None)
+    if experts is not None and experts % layout.ep:
+        raise LayoutError("parallel.ep", f"n_experts={experts} is not divisible by ep={layout.ep} "
+                                         f"({experts} % {layout.ep} = {experts % layout.ep})")
+    if layout.pp > 1:
+        raise LayoutError("parallel.ep", "expert parallelism inside pipeline stages is not implemented; "
+                                         "allowed with pp > 1: 1")
+    if layout.tp > 1:
+        raise LayoutError("parallel.ep", "expert parallelism with tensor parallelism is not implemented; "
+                                         "allowed with tp > 1: 1")
+
+
+def expert_shard_sizes(model: nn.Module, pattern: str | None, ep: int, sizes: dict[int, int]) -> dict[int, int]:
+    """`sizes` with the expert banks' parameters divided over ep ranks."""
+    if ep == 1 or pattern is None:
+        return sizes
+    out = dict(sizes)
+    for name, module in model.named_modules():
+        if fnmatch.fnmatchcase(name, pattern):
+            for p in module.parameters():
+                out[id(p)] = sizes[id(p)] // ep
+    return out
 
 
 def validate_layout(cfg, layout: Layout, work: Workload) -> None:  # noqa: ANN001
@@ -269,7 +305,7 @@ def make_plan(cfg, layout: Layout, work: Workload, *, peak_tflops: float | None 
     check_layout(cfg, layout, work)
     spec = models.get_spec(cfg.arch)
     model = meta_model(cfg)
-    sizes = tp_shard_sizes(model, spec.tp_plan, layout.tp)
+    sizes = expert_shard_sizes(model, spec.expert_bank, layout.ep, tp_shard_sizes(model, spec.tp_plan, layout.tp))
     if layout.pp > 1 and spec.pipeline_blocks is None:
         raise LayoutError("parallel.pp", f"model arch {cfg.arch!r} declares no pipeline blocks; allowed: 1")
     blocks = spec.pipeline_blocks(model) if spec.pipeline_blocks else [PipeBlock(model)]

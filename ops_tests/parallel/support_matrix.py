@@ -18,8 +18,8 @@ from test_layouts import ARCHS, CASES, LAYOUTS  # noqa: E402
 
 ARCHITECTURES = ("transformer", "deltanet", "moeut", "rmt", "memoryformer", "recurformer")
 # Layouts users ask for that the harness does not run: what validation says about them.
-REFUSED = {"pp2-zero2": dict(pp=2, zero=2),
-           "ep2": dict(dp=2, ep=2, zero=1), "dp2-zero3": dict(dp=2, zero=3)}
+REFUSED = {"pp2-zero2": dict(pp=2, zero=2), "dp2-zero3": dict(dp=2, zero=3),
+           "pp2xep2": dict(pp=2, dp=2, ep=2, zero=1), "tp2xep2": dict(tp=2, dp=2, ep=2, zero=1)}
 BEGIN, END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
 
 
