@@ -220,9 +220,19 @@ PRESETS: dict[str, dict] = {
                top_k=24, **_ES),
 }
 
+# Attention splits by whole heads (Q/K columns, every head's experts and router rows); the σ-MoE's experts
+# split their hidden width (es) while its router stays replicated; the head splits the vocabulary.
+TP_PLAN = {
+    "tok_embeddings": "vocab",
+    "layers.*.attn": "headwise_region", "layers.*.attn.wq": "headwise", "layers.*.attn.wk": "headwise",
+    "layers.*.ffn.experts": "expert_hidden",
+    "output": "colwise",
+}
+
 register(
     ModelSpec(
-        name="moeut", config_cls=MoEUTConfig, presets=PRESETS, model_cls=MoEUT, pipeline_blocks=pipeline_blocks,
+        name="moeut", config_cls=MoEUTConfig, presets=PRESETS, model_cls=MoEUT, tp_plan=TP_PLAN,
+        pipeline_blocks=pipeline_blocks,
         expert_bank="layers.*.ffn.experts", num_params=num_params, flops_per_token=flops_per_token,
         aux_loss=entropy_regularizer,
     )

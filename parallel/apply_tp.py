@@ -9,6 +9,14 @@ it is summed over TP). The output head is `colwise` on the vocabulary: its logit
 and the loss is `vocab_parallel_cross_entropy`. Weights are sliced from the full-size module, so
 a sharded model starts exactly where the single-device one does.
 
+Two region styles wrap a whole module whose math splits by heads or by hidden width (mixture-of-
+experts layers, where no single linear marks the region's boundary): its floating-point inputs are
+copied into the TP region (identity forward, all-reduce backward), its first output is a partial sum
+(all-reduced), and per-head tensors it returns in a list (router statistics, heads on dim 1) are
+gathered for replicated use. `headwise_region` slices every direct parameter on dim 0 by whole heads;
+`expert_hidden` splits a two-layer expert bank's hidden width (`keys` [E, d, h] on dim 2, `values`
+[E, h, d] on dim 1). Neither runs under sequence parallelism.
+
 With `sequence_parallel`, the residual stream between the TP regions is sharded on the sequence:
 colwise layers all-gather their input, rowwise layers and the embedding reduce-scatter their
 output, and every parameter the plan leaves replicated (norm gains, rowwise biases: everything a
@@ -18,10 +26,11 @@ from __future__ import annotations
 
 import fnmatch
 
+import torch
 from torch import nn
 
-from parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, mark_sequence_parallel,
-                             mark_sharded, shard)
+from parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, copy_to_tp,
+                             gather_to_replicated, mark_sequence_parallel, mark_sharded, reduce_from_tp, shard)
 
 class _Headwise:
     @staticmethod
@@ -39,8 +48,49 @@ class _Partial:
         return module
 
 
+def _as_region(module: nn.Module, group, sequence_parallel: bool) -> None:  # noqa: ANN001
+    if sequence_parallel:
+        raise ValueError(f"{type(module).__name__}: region styles do not run under sequence parallelism")
+
+    def enter(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        def copy(t):  # noqa: ANN001, ANN202
+            return copy_to_tp(t, group) if torch.is_tensor(t) and t.is_floating_point() else t
+        return tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}
+
+    def leave(mod: nn.Module, args: tuple, out):  # noqa: ANN001, ANN202
+        if not isinstance(out, tuple):
+            return reduce_from_tp(out, group)
+        first, *rest = out
+        rest = [[gather_to_replicated(t, group) for t in r] if isinstance(r, list) else r for r in rest]
+        return (reduce_from_tp(first, group), *rest)
+
+    module.register_forward_pre_hook(enter, with_kwargs=True)
+    module.register_forward_hook(leave)
+
+
+class _HeadwiseRegion:
+    @staticmethod
+    def from_full(module: nn.Module, group, sequence_parallel: bool = False) -> nn.Module:  # noqa: ANN001
+        _as_region(module, group, sequence_parallel)
+        return _Headwise.from_full(module, group)
+
+
+EXPERT_HIDDEN_DIMS = {"keys": 2, "values": 1}
+
+
+class _ExpertHidden:
+    @staticmethod
+    def from_full(module: nn.Module, group, sequence_parallel: bool = False) -> nn.Module:  # noqa: ANN001
+        _as_region(module, group, sequence_parallel)
+        for name, dim in EXPERT_HIDDEN_DIMS.items():
+            setattr(module, name, mark_sharded(nn.Parameter(shard(getattr(module, name).data, dim, group)), dim))
+        return module
+
+
 STYLES = {"colwise": ColumnParallelLinear, "rowwise": RowParallelLinear, "vocab": VocabParallelEmbedding,
-          "headwise": _Headwise, "partial": _Partial}
+          "headwise": _Headwise, "partial": _Partial, "headwise_region": _HeadwiseRegion,
+          "expert_hidden": _ExpertHidden}
+REGION_STYLES = ("headwise_region", "expert_hidden")
 
 
 def _style(plan: dict[str, str], name: str) -> str | None:

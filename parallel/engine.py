@@ -36,6 +36,7 @@ class EngineConfig:
     min_lr_ratio: float = 0.1
     dtype: torch.dtype = torch.float32
     sequence_parallel: bool = False
+    whole_activations: bool = False  # pipeline sends activations whole (set for pipelines carrying aux tensors)
     cp: int = 1  # taken from the topology by `build_engine`
 
 
@@ -52,8 +53,10 @@ def deepspeed_config(cfg: EngineConfig) -> dict:
         # FiniteAdamW is torch's AdamW plus a finiteness check; DeepSpeed only knows it by class.
         "zero_allow_untested_optimizer": True,
         # DeepSpeed's pipeline sends 1/tp of an activation per TP rank and all-gathers it, assuming TP ranks
-        # hold equal activations; under sequence parallelism each holds its own shard, so send it whole.
-        "pipeline": {"pipe_partitioned": not cfg.sequence_parallel, "grad_partitioned": not cfg.sequence_parallel},
+        # hold equal activations; under sequence parallelism each holds its own shard, so send it whole. Its
+        # partitioning also allows only the first tensor to carry a gradient: aux tensors travel whole too.
+        "pipeline": {"pipe_partitioned": not (cfg.sequence_parallel or cfg.whole_activations),
+                     "grad_partitioned": not (cfg.sequence_parallel or cfg.whole_activations)},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -93,6 +96,8 @@ def build_engine(model: nn.Module, cfg: EngineConfig, groups: ProcessGroups | No
     topo = groups.topology if groups is not None else None
     if topo is not None:
         cfg = dataclasses.replace(cfg, cp=topo.cp)
+    if getattr(model, "carries_aux", False):
+        cfg = dataclasses.replace(cfg, whole_activations=True)
     if is_pipeline(model) and cfg.zero > 1:
         raise ValueError(f"pipeline parallelism allows ZeRO stage 0 or 1 (DeepSpeed's pipeline engine), got {cfg.zero}")
     optimizer = FiniteAdamW(

@@ -113,6 +113,7 @@ def build_pipeline(model: nn.Module, blocks: list[PipeBlock], topology: Topology
     pipe = _Pipe(layers, topology=topology.to_deepspeed(), loss_fn=with_aux_loss(loss_fn, aux_loss),
                  partition_method=partition, activation_checkpoint_interval=activation_checkpoint_interval,
                  activation_checkpoint_func=checkpoint)
+    pipe.carries_aux = aux_loss is not None  # build_engine then sends activations whole (see engine.py)
     names = {id(p): n for n, p in model.named_parameters()}
     pipe.canonical_names = {n: names[id(p)] for n, p in pipe.named_parameters()}
     return pipe

@@ -112,8 +112,8 @@ def tp_shard_sizes(model: nn.Module, plan: dict[str, str] | None, tp: int) -> di
     """Elements one TP rank holds of each parameter, keyed by id (tied weights appear once).
 
     colwise: weight rows and bias split; rowwise: weight columns split, bias replicated;
-    vocab: embedding rows split; headwise: every parameter split on dim 0; partial and anything the
-    plan does not name: replicated.
+    vocab: embedding rows split; headwise (and headwise_region): every parameter split on dim 0;
+    expert_hidden: the experts' hidden width split; partial and anything the plan does not name: replicated.
     """
     from parallel.apply_tp import _style  # the same pattern matching as the real swap
 
@@ -128,14 +128,19 @@ def tp_shard_sizes(model: nn.Module, plan: dict[str, str] | None, tp: int) -> di
             continue
         if style == "partial":
             continue
-        if style == "headwise":
+        dims = {}
+        if style in ("headwise", "headwise_region"):
             sharded = list(module.named_parameters(recurse=False))
+        elif style == "expert_hidden":
+            from parallel.apply_tp import EXPERT_HIDDEN_DIMS
+
+            sharded, dims = [(n, getattr(module, n)) for n in EXPERT_HIDDEN_DIMS], EXPERT_HIDDEN_DIMS
         else:
             sharded = [("weight", module.weight)]
             if getattr(module, "bias", None) is not None and style == "colwise":
                 sharded.append(("bias", module.bias))
         for pname, p in sharded:
-            dim = 1 if style == "rowwise" and pname == "weight" else 0
+            dim = dims.get(pname, 1 if style == "rowwise" and pname == "weight" else 0)
             if p.shape[dim] % tp:
                 raise LayoutError("parallel.tp", f"{name}.{pname} dimension {dim} ({p.shape[dim]}) is not divisible by tp={tp}")
             sizes[id(p)] = p.numel() // tp
@@ -289,6 +294,11 @@ def validate_layout(cfg, layout: Layout, work: Workload) -> None:  # noqa: ANN00
     """Everything about `layout` the real code would refuse, from shapes alone (a meta model)."""
     check_layout(cfg, layout, work)
     spec = models.get_spec(cfg.arch)
+    from parallel.apply_tp import REGION_STYLES
+
+    if layout.sequence_parallel and set(REGION_STYLES) & set((spec.tp_plan or {}).values()):
+        raise LayoutError("parallel.sequence_parallel", f"model arch {cfg.arch!r} has mixture-of-experts TP regions, "
+                                                        "which do not run on sequence shards; allowed: false")
     model = meta_model(cfg)
     tp_shard_sizes(model, spec.tp_plan, layout.tp)
     if layout.pp > 1:

@@ -49,6 +49,17 @@ def _identity(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001, ARG001
     return x
 
 
+def _all_gather_dim1(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _split_dim1(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+    rank, world = _rank_world(group)
+    return x.chunk(world, dim=1)[rank].contiguous()
+
+
 def _conjugate_pair(name: str, forward: Callable, backward: Callable) -> type[torch.autograd.Function]:
     """An autograd Function running collective `forward` on the input and its conjugate `backward` on the gradient."""
     def fwd(ctx, x, group):  # noqa: ANN001, ANN202
@@ -67,6 +78,9 @@ _CopyToTP = _conjugate_pair("_CopyToTP", _identity, _all_reduce)
 _ReduceFromTP = _conjugate_pair("_ReduceFromTP", _all_reduce, _identity)
 _GatherFromSP = _conjugate_pair("_GatherFromSP", _all_gather_seq, _reduce_scatter_seq)
 _ReduceScatterToSP = _conjugate_pair("_ReduceScatterToSP", _reduce_scatter_seq, _all_gather_seq)
+# Leaving a TP region into replicated math (e.g. a regulariser over every head): each rank's gradient
+# of the gathered tensor is the same, so its slice is its shard's whole gradient.
+_GatherToReplicated = _conjugate_pair("_GatherToReplicated", _all_gather_dim1, _split_dim1)
 
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
@@ -83,6 +97,11 @@ def gather_from_sp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
 
 def reduce_scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
     return _ReduceScatterToSP.apply(x, group)
+
+
+def gather_to_replicated(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+    """All-gather head-sharded `x` on dim 1 for replicated use; the backward keeps this rank's slice."""
+    return _GatherToReplicated.apply(x, group)
 
 
 def mark_sequence_parallel(p: nn.Parameter, group) -> nn.Parameter:  # noqa: ANN001

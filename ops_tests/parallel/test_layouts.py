@@ -59,7 +59,7 @@ CASES = [("transformer", name) for name in LAYOUTS if name not in CP_LAYOUTS + E
     ("transformer-tied", name) for name in ("tp2", "tp2+sp", "pp2", "tp2xpp2")
 ] + [("deltanet", name) for name in ("tp2", "tp2+sp", "pp2", *CP_LAYOUTS)] + [
     ("deltanet-swa", "tp2"), ("deltanet-global", "tp2"),
-] + [("moeut", name) for name in ("pp2", *EP_LAYOUTS)]
+] + [("moeut", name) for name in ("tp2", "tp2xdp2", "pp2", "tp2xpp2", *EP_LAYOUTS)]
 
 
 def _batches() -> list[torch.Tensor]:
