@@ -27,7 +27,9 @@ def _sets(arch: str, layout: dict) -> list[str]:
     world = 1
     for axis in ("tp", "pp", "dp", "cp"):
         world *= layout.get(axis, 1)
+    # data.global_batch: a whole number of micro-batches on every data-parallel rank (local.yaml's micro 8)
     keys = {"model.arch": arch, "cluster.workers": world, "parallel.zero": layout.get("zero", 1),
+            "data.global_batch": 8 * max(layout.get("dp", 1), 2),
             "parallel.sequence_parallel": str(layout.get("sp", False)).lower(),
             "train.activation_checkpointing": str(layout.get("ckpt", False)).lower()}
     keys |= {f"parallel.{axis}": layout[axis] for axis in ("tp", "pp", "dp", "cp", "ep") if axis in layout}
