@@ -38,6 +38,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
+from benchmarks.timing import cuda_fwd_bwd_ms  # noqa: E402
 from kernels.delta_rule import chunk_delta_rule, delta_rule_recurrent  # noqa: E402
 
 log = logging.getLogger("benchmarks.delta_rule")
@@ -157,21 +158,6 @@ def run_cpu(a: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- GPU
 
 
-def gpu_time(fn: Callable[[], torch.Tensor], grad: torch.Tensor, x: dict, repeats: int, warmup: int) -> float:
-    """Median fwd+bwd time (ms) with CUDA events; warm-up covers Triton compilation and autotuning."""
-    times = []
-    for i in range(warmup + repeats):
-        _clear_grads(x)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn().backward(grad)
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def _fla_delta_rule() -> Callable | None:
     """fla's chunk_delta_rule, called with [B,T,H,K] inputs; None when fla is not installed."""
     try:
@@ -216,10 +202,10 @@ def run_gpu(a: argparse.Namespace) -> None:
         for name, fn in (("ours", ours), ("fla", fla)):
             if fn is not None:
                 log.info("T %d: %s", T, name)
-                row[name] = gpu_time(lambda fn=fn: fn(x["q"], x["k"], x["v"], x["beta"]), x["do"], x,
-                                     a.repeats, a.gpu_warmup)
+                row[name] = cuda_fwd_bwd_ms(lambda fn=fn: fn(x["q"], x["k"], x["v"], x["beta"]), x["do"],
+                                            lambda: _clear_grads(x), a.repeats, a.gpu_warmup)
         log.info("T %d: sdpa flash", T)
-        row["sdpa"] = gpu_time(lambda: flash(x), x["doa"], x, a.repeats, a.gpu_warmup)
+        row["sdpa"] = cuda_fwd_bwd_ms(lambda: flash(x), x["doa"], lambda: _clear_grads(x), a.repeats, a.gpu_warmup)
         rows.append(row)
         del x
         torch.cuda.empty_cache()
