@@ -144,6 +144,13 @@ def train_loop(config: dict[str, Any]) -> None:
         tracking.set_tags(config["tracking_uri"], config["run_id"], {"restarts": restarts})
     meta = {"spec_hash": config["spec_hash"], "world": world, "dp": dp, "run_id": config["run_id"]}
     fpt = models.get_spec(cfg.arch).flops_per_token
+    model_metrics = models.get_spec(cfg.arch).step_metrics
+
+    def sum_over_dp(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device).contiguous()
+        dist.all_reduce(t, group=groups["dp_cp"])
+        return t.cpu()
+
     flops_per_token = fpt(cfg, d.seq_len) if fpt else None
     peak = _peak_flops(device)
     report_worker(job, rank, step, attempt=attempt)
@@ -160,11 +167,17 @@ def train_loop(config: dict[str, Any]) -> None:
                 micro = samples.split(micro)
             if p.cp > 1:
                 micro = [context_slice(b, cp_rank, p.cp) for b in micro]
+            aux_values = getattr(loss_fn, "aux_values", [])
+            aux_values.clear()
             res = train_step(engine, micro, device, loss_fn)
             stream.advance_step()
             dt = time.perf_counter() - t0
             tokens_per_s = d.global_batch * d.seq_len / dt
             metrics = {"lr": res.lr, "step_time_s": dt, "tokens_per_s": tokens_per_s}
+            if aux_values:  # the model's auxiliary loss term (MoEUT: the entropy regulariser), mean over micro-batches
+                metrics["aux_loss"] = float(torch.stack(aux_values).mean())
+            if model_metrics is not None:
+                metrics.update(model_metrics(engine.module, sum_over_dp))
             if res.finite:
                 metrics.update(loss=res.loss, grad_norm=res.grad_norm)
             else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -97,6 +98,7 @@ class MoEUTLayer(nn.Module):
                                         cfg.max_seq_len, cfg.rope_theta, cfg.moe_block, cfg.moe_backend)
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = SigmaMoE(cfg.d_model, cfg.n_experts, cfg.expert_size, cfg.top_k, cfg.moe_block, cfg.moe_backend)
+        self.ffn.layer_index = index
 
     def init_weights(self, scale: float) -> None:
         for norm in (self.attn_norm, self.ffn_norm):
@@ -171,6 +173,25 @@ def entropy_regularizer(cfg: MoEUTConfig, aux: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def expert_load_metrics(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Per distinct σ-MoE layer, its experts' share of the assignments since the last call, summed over
+    data-parallel ranks: `moe/layer<i>/load_min` and `load_max` (× E: 1 is perfectly balanced) and
+    `load_entropy` (normalised by log E: 1 is uniform). Resets the counts."""
+    out: dict[str, float] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, SigmaMoE) or module.load is None:
+            continue
+        counts = reduce(module.load.double())
+        module.load = None
+        share = counts / counts.sum().clamp_min(1)
+        E = share.numel()
+        prefix = f"moe/layer{module.layer_index}"
+        out[f"{prefix}/load_min"] = (share.min() * E).item()
+        out[f"{prefix}/load_max"] = (share.max() * E).item()
+        out[f"{prefix}/load_entropy"] = (-(share * share.clamp_min(1e-30).log()).sum() / math.log(max(E, 2))).item()
+    return out
+
+
 def pipeline_blocks(model: MoEUT) -> list[PipeBlock]:
     """Embedding, one block per depth (shared layers tied across the stages that run them), norm, head."""
     depth = [PipeBlock(model.layers[i], tie=f"moeut_layer_{i}") for i in model.cfg.schedule()]
@@ -234,6 +255,6 @@ register(
         name="moeut", config_cls=MoEUTConfig, presets=PRESETS, model_cls=MoEUT, tp_plan=TP_PLAN,
         pipeline_blocks=pipeline_blocks,
         expert_bank="layers.*.ffn.experts", num_params=num_params, flops_per_token=flops_per_token,
-        aux_loss=entropy_regularizer,
+        aux_loss=entropy_regularizer, step_metrics=expert_load_metrics,
     )
 )

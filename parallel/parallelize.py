@@ -47,10 +47,11 @@ def parallelize(model: nn.Module, arch: str, groups: ProcessGroups, *, sequence_
         if not apply_expert_parallel(model, spec.expert_bank, groups):
             raise ValueError(f"model arch {arch!r} has no module matching its expert bank {spec.expert_bank!r}")
     aux_loss = functools.partial(spec.aux_loss, model.cfg) if spec.aux_loss is not None else None
+    loss = with_aux_loss(loss_fn, aux_loss)  # one function (and one record of aux terms) for every layout
     if topo.pp > 1:
         if spec.pipeline_blocks is None:
             raise ValueError(f"model arch {arch!r} declares no pipeline blocks; pp must be 1")
-        model = build_pipeline(model, spec.pipeline_blocks(model), topo, loss_fn, partition=partition,
+        model = build_pipeline(model, spec.pipeline_blocks(model), topo, loss, partition=partition,
                                activation_checkpoint_interval=1 if activation_checkpointing else 0,
                                aux_loss=aux_loss)
-    return model, with_aux_loss(loss_fn, aux_loss)
+    return model, loss

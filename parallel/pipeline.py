@@ -110,7 +110,7 @@ def build_pipeline(model: nn.Module, blocks: list[PipeBlock], topology: Topology
             self._set_bounds(start=bounds[stage], stop=bounds[stage + 1])
 
     checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    pipe = _Pipe(layers, topology=topology.to_deepspeed(), loss_fn=with_aux_loss(loss_fn, aux_loss),
+    pipe = _Pipe(layers, topology=topology.to_deepspeed(), loss_fn=loss_fn if hasattr(loss_fn, "aux_values") else with_aux_loss(loss_fn, aux_loss),
                  partition_method=partition, activation_checkpoint_interval=activation_checkpoint_interval,
                  activation_checkpoint_func=checkpoint)
     pipe.carries_aux = aux_loss is not None  # build_engine then sends activations whole (see engine.py)

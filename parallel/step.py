@@ -24,8 +24,11 @@ def with_aux_loss(loss_fn: LossFn, aux_loss: Callable[[torch.Tensor], torch.Tens
     def loss(outputs, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         if isinstance(outputs, tuple):
             logits, aux = outputs
-            return loss_fn(logits, targets) + (aux.sum() if aux_loss is None else aux_loss(aux))
+            term = aux.sum() if aux_loss is None else aux_loss(aux)
+            loss.aux_values.append(term.detach())
+            return loss_fn(logits, targets) + term
         return loss_fn(outputs, targets)
+    loss.aux_values = []  # the aux terms of the calls since the caller last cleared it (for logging)
     return loss
 
 

@@ -44,6 +44,7 @@ class SigmaMoE(nn.Module):
         self.top_k = top_k
         self.router = nn.Parameter(torch.empty(num_experts, dim))  # W_sel
         self.experts = ExpertBank(num_experts, dim, expert_size, block, backend)
+        self.load: torch.Tensor | None = None  # assignments per expert in training since last read (for metrics)
 
     @torch.no_grad()
     def init_weights(self, scale: float) -> None:
@@ -61,5 +62,8 @@ class SigmaMoE(nn.Module):
         routing uses the sigmoid."""
         logits = upcast(sel_input) @ upcast(self.router).t()  # routing in fp32 or wider (determinism, §3.3)
         gates, ids = torch.topk(torch.sigmoid(logits), self.top_k, dim=-1, sorted=True)
+        if self.training:
+            counts = torch.bincount(ids.flatten(), minlength=self.router.shape[0])
+            self.load = counts if self.load is None else self.load + counts
         y = self.experts(x.reshape(-1, x.shape[-1]), ids.reshape(-1, self.top_k), gates.reshape(-1, self.top_k))
         return y.view_as(x), torch.softmax(logits, dim=-1).mean(dim=1)

@@ -33,6 +33,13 @@ def test_tiny_moeut_trains_with_ep2(tmp_path):
     uri, run_id = st["mlflow"]["tracking_uri"], st["mlflow"]["run_id"]
     losses = _history(uri, run_id, "loss")
     assert [s for s, _ in losses] == list(range(STEPS))
+    # MoE metrics: the regulariser (negative: −entropy terms) and each shared layer's expert load
+    assert all(v < 0 for _, v in _history(uri, run_id, "aux_loss"))
+    for i in range(2):
+        entropy = _history(uri, run_id, f"moe/layer{i}/load_entropy")
+        lo, hi = _history(uri, run_id, f"moe/layer{i}/load_min"), _history(uri, run_id, f"moe/layer{i}/load_max")
+        assert len(entropy) == STEPS and all(0 < v <= 1 for _, v in entropy)
+        assert all(a[1] <= 1 <= b[1] for a, b in zip(lo, hi))
     vals = _history(uri, run_id, "val_loss")
     assert vals and vals[-1][1] < losses[0][1] - 1.0, (losses[:3], vals)
     # one process, all experts in one bank: the loss the two expert-parallel ranks logged

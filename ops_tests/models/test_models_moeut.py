@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import models
 from models.layers.sigma_moe import SigmaMoE
 from models.layers.switch_head import SwitchHeadAttention
-from models.moeut import entropy_regularizer, macs_per_token, num_params
+from models.moeut import entropy_regularizer, expert_load_metrics, macs_per_token, num_params
 
 # spec §1.6: (params in M, MoEUT MACs/token in M), rounded to 0.1M as the spec prints them
 SPEC_TABLE = {"44m": (44.3, 34.7), "126m": (125.7, 78.9), "244m": (243.3, 140.7), "318m": (318.1, 186.4),
@@ -199,3 +199,25 @@ def test_tiny_learns_a_batch():
 def test_bad_config_names_the_field(overrides, fragment):
     with pytest.raises(ValueError, match=fragment):
         _tiny(**overrides)
+
+
+def test_expert_load_metrics_count_every_assignment_then_reset():
+    torch.manual_seed(7)
+    cfg = _tiny()
+    model = models.build(cfg)
+    B, T = 3, 10
+    model(torch.randint(0, 64, (B, T)))
+    loads = [layer.ffn.load.clone() for layer in model.layers]
+    assert all(int(c.sum()) == B * T * cfg.top_k * cfg.repeats for c in loads)  # every application counted
+    seen = []
+    metrics = expert_load_metrics(model, lambda t: seen.append(t) or 2 * t)  # the sum over ranks is applied
+    assert len(seen) == cfg.group_size and all(layer.ffn.load is None for layer in model.layers)
+    for i, counts in enumerate(loads):
+        share = counts.double() / counts.sum()
+        assert metrics[f"moe/layer{i}/load_min"] == pytest.approx(share.min().item() * cfg.n_experts)
+        assert metrics[f"moe/layer{i}/load_max"] == pytest.approx(share.max().item() * cfg.n_experts)
+        h = -(share[share > 0] * share[share > 0].log()).sum().item() / math.log(cfg.n_experts)
+        assert metrics[f"moe/layer{i}/load_entropy"] == pytest.approx(h)
+    model.eval()
+    model(torch.randint(0, 64, (B, T)))
+    assert expert_load_metrics(model, lambda t: t) == {}  # evaluation is not counted
