@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from kernels.backend import BACKENDS
 from models.config import positive_ints, round_up
 from models.layers.attention import Attention
 from models.layers.delta_net import DeltaNetMixer
@@ -22,7 +23,6 @@ from models.layers.norm import RMSNorm
 from models.registry import ModelSpec, lm_pipeline_blocks, register
 
 HYBRIDS = ("none", "swa", "global")
-BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass

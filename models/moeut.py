@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.moe.dispatch import BACKENDS
+from kernels.backend import BACKENDS
 from models.config import positive_ints
 from models.layers.sigma_moe import SigmaMoE
 from models.layers.switch_head import SwitchHeadAttention

@@ -3,29 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.backend import pick_backend
 from kernels.delta_rule.torch_impl import chunk_delta_rule_torch
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _pick(q: torch.Tensor, backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"delta rule backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    # float64 is the oracle's dtype: Triton kernels run fp32/fp16/bf16 only.
-    if q.is_cuda and q.dtype != torch.float64 and triton_available():
-        return "triton"
-    return "torch"
-
 
 def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
                      g: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
@@ -44,7 +23,7 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
         raise ValueError(f"varlen (cu_seqlens) needs batch size 1, got {q.shape[0]}")
     kwargs = dict(g=g, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens, chunk_size=chunk_size, scale=scale)
-    if _pick(q, backend) == "triton":
+    if pick_backend(q, backend, "delta rule") == "triton":
         from kernels.delta_rule.triton_impl import chunk_delta_rule_triton  # imports triton: only when asked
 
         return chunk_delta_rule_triton(q, k, v, beta, **kwargs)

@@ -3,29 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from kernels.backend import pick_backend as _pick
 from kernels.moe.plan import RoutingPlan, make_plan
 from kernels.moe.torch_impl import gather_torch, grouped_mm_torch, scatter_torch
 
-BACKENDS = ("auto", "torch", "triton")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def pick_backend(x: torch.Tensor, backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"moe dispatch backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    # float64 is the oracle's dtype: the Triton kernels run fp32/fp16/bf16 only.
-    if x.is_cuda and x.dtype != torch.float64 and triton_available():
-        return "triton"
-    return "torch"
+    return _pick(x, backend, "moe dispatch")
 
 
 def default_block(x: torch.Tensor) -> int:

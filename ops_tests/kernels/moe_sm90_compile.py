@@ -14,14 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels.moe import triton_impl as ti  # noqa: E402
 from kernels.moe import triton_kernels as tk  # noqa: E402
-
-H100_SHARED = 227 * 1024  # bytes of shared memory one block may use on sm_90
+from sm90_compile import compile_for_sm90  # noqa: E402
 SHAPES = ((1024, 128), (128, 1024))
 
 
@@ -41,24 +38,11 @@ def kernels(dtype: str, BM: int, d_in: int, d_out: int) -> list[tuple]:
 
 
 def main(dtype: str = "bf16", BM: int = 64) -> int:
-    target = GPUTarget("cuda", 90, 32)
     failed = 0
     for d_in, d_out in SHAPES:
         for fn, types, consts in kernels(dtype, BM, d_in, d_out):
             name = f"{fn.__name__}[{d_in}x{d_out}{',gated' if consts.get('GATED') else ''}]"
-            signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
-            src = ASTSource(fn=fn, signature=signature,
-                            constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-            try:
-                compiled = triton.compile(src, target=target, options=ti._launch())
-            except Exception as e:  # noqa: BLE001 - report every kernel, then fail
-                print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}")
-                failed += 1
-                continue
-            shared = compiled.metadata.shared
-            ok = shared <= H100_SHARED
-            failed += not ok
-            print(f"{'OK' if ok else 'FAIL'} {name} shared={shared}")
+            failed += not compile_for_sm90(fn, types, consts, ti._launch(), name)
     return failed
 
 

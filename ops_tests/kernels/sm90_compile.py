@@ -45,26 +45,28 @@ def kernels(dtype: str, C: int, BK: int, BV: int) -> list[tuple]:
     ], meta
 
 
+def compile_for_sm90(fn, types: dict[str, str], consts: dict, options: dict, name: str | None = None) -> bool:  # noqa: ANN001
+    """Compile one JIT kernel for sm_90 (`types`: pointer/scalar types by argument, others i32; `consts`:
+    constexpr values); prints "OK|FAIL <name> shared=<bytes>" and returns whether it compiled within an H100's
+    shared memory."""
+    name = name or fn.__name__
+    signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    except Exception as e:  # noqa: BLE001 - report every kernel, then fail
+        print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}")
+        return False
+    shared = compiled.metadata.shared
+    ok = shared <= H100_SHARED
+    print(f"{'OK' if ok else 'FAIL'} {name} shared={shared}")
+    return ok
+
+
 def main(dtype: str = "bf16", K: int = 128, V: int = 128, C: int = 64) -> int:
     BK, BV = _blocks(K, V)
-    target = GPUTarget("cuda", 90, 32)
     jobs, meta = kernels(dtype, C, BK, BV)
-    failed = 0
-    for fn, ptrs, consts in jobs:
-        types = {**meta, **ptrs}
-        signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
-        src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        try:
-            compiled = triton.compile(src, target=target, options=_launch(K))
-        except Exception as e:  # noqa: BLE001 - report every kernel, then fail
-            print(f"FAIL {fn.__name__}: {type(e).__name__}: {str(e)[:2000]}")
-            failed += 1
-            continue
-        shared = compiled.metadata.shared
-        ok = shared <= H100_SHARED
-        failed += not ok
-        print(f"{'OK' if ok else 'FAIL'} {fn.__name__} shared={shared}")
-    return failed
+    return sum(not compile_for_sm90(fn, {**meta, **ptrs}, consts, _launch(K)) for fn, ptrs, consts in jobs)
 
 
 if __name__ == "__main__":
