@@ -57,9 +57,10 @@ def _expert_parallel_forward(bank: ExpertBank, x: torch.Tensor, expert_ids: torc
     group, ep, num_experts = bank.ep_group, bank.ep_size, bank.num_experts
     local = num_experts // ep
     k = expert_ids.shape[-1]
-    # block 1: rows leave in exact expert order, those for each destination rank contiguous
+    # block 1: rows leave in exact expert order, those for each destination rank contiguous. The Triton
+    # path tiles by >= 16 rows, so this unpadded gather (and the scatter home) take the torch path.
     plan = make_plan(expert_ids, num_experts, fan_in=k, fan_out=k, block=1)
-    outgoing = gather(x, plan, bank.backend)
+    outgoing = gather(x, plan, "torch")
     counts = plan.counts
     incoming_counts = torch.empty_like(counts)  # [source rank, my local expert]
     dist.all_to_all_single(incoming_counts, counts, group=group)
@@ -72,7 +73,7 @@ def _expert_parallel_forward(bank: ExpertBank, x: torch.Tensor, expert_ids: torc
     h = grouped_mm(h, bank.values, lplan, bank.backend)
     ones = torch.ones(local_ids.numel(), dtype=x.dtype, device=x.device)
     back = _AllToAll.apply(scatter(h, lplan, ones, bank.backend), send, recv, group)  # home, in expert order
-    return scatter(back, plan, gates, bank.backend)
+    return scatter(back, plan, gates, "torch")
 
 
 @functools.cache
