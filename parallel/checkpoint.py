@@ -278,7 +278,8 @@ def engine_layout(engine) -> dict[str, int]:  # noqa: ANN001
 
 
 def _fmt(layout: dict[str, int]) -> str:
-    return " ".join(f"{k}={layout[k]}" for k in ("tp", "pp", "dp", "ep"))
+    shown = ("tp", "pp", "dp") + (("ep",) if layout.get("ep", 1) != 1 else ())  # ep only for expert-parallel runs
+    return " ".join(f"{k}={layout[k]}" for k in shown)
 
 
 def load(engine, path: Path) -> dict[str, Any]:
