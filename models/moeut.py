@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.backend import BACKENDS
+from kernels.moe.dispatch import MOE_BACKENDS, primitive_backend
 from models.config import positive_ints
 from models.layers.sigma_moe import SigmaMoE
 from models.layers.switch_head import SwitchHeadAttention
@@ -58,8 +58,14 @@ class MoEUTConfig:
             raise ValueError(f"MoEUTConfig.top_k={self.top_k} exceeds n_experts={self.n_experts}")
         if self.group_order not in GROUP_ORDERS:
             raise ValueError(f"MoEUTConfig.group_order={self.group_order!r}; allowed: {', '.join(GROUP_ORDERS)}")
-        if self.moe_backend not in BACKENDS:
-            raise ValueError(f"MoEUTConfig.moe_backend={self.moe_backend!r}; allowed: {', '.join(BACKENDS)}")
+        if self.moe_backend not in MOE_BACKENDS:
+            raise ValueError(f"MoEUTConfig.moe_backend={self.moe_backend!r}; allowed: {', '.join(MOE_BACKENDS)}")
+        if self.moe_backend == "megablocks":
+            from kernels.moe.megablocks_impl import megablocks_missing
+
+            if why := megablocks_missing():
+                raise ValueError(f"MoEUTConfig.moe_backend='megablocks' needs the megablocks package (CUDA machines): "
+                                 f"{why}; allowed here: {', '.join(b for b in MOE_BACKENDS if b != 'megablocks')}")
         if self.moe_block is not None:
             positive_ints(self, "moe_block")
         for name in ("rope_theta", "norm_eps"):
@@ -95,7 +101,8 @@ class MoEUTLayer(nn.Module):
         self.cfg, self.index = cfg, index
         self.attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = SwitchHeadAttention(cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.att_n_experts, cfg.att_top_k,
-                                        cfg.max_seq_len, cfg.rope_theta, cfg.moe_block, cfg.moe_backend)
+                                        cfg.max_seq_len, cfg.rope_theta, cfg.moe_block,
+                                        primitive_backend(cfg.moe_backend))  # megablocks has no per-head mapping
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = SigmaMoE(cfg.d_model, cfg.n_experts, cfg.expert_size, cfg.top_k, cfg.moe_block, cfg.moe_backend)
         self.ffn.layer_index = index

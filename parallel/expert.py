@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kernels.moe import gather, grouped_mm, make_plan, scatter
-from kernels.moe.dispatch import default_block
+from kernels.moe.dispatch import default_block, primitive_backend
 from models.layers.sigma_moe import ExpertBank
 from parallel.topology import ProcessGroups
 
@@ -69,10 +69,11 @@ def _expert_parallel_forward(bank: ExpertBank, x: torch.Tensor, expert_ids: torc
     received = _AllToAll.apply(outgoing, recv, send, group)
     local_ids = torch.arange(local, device=x.device).repeat(ep).repeat_interleave(incoming_counts)
     lplan = make_plan(local_ids, local, fan_in=1, fan_out=1, block=bank.block or default_block(x))
-    h = torch.relu(grouped_mm(gather(received, lplan, bank.backend), bank.keys, lplan, bank.backend))
-    h = grouped_mm(h, bank.values, lplan, bank.backend)
+    backend = primitive_backend(bank.backend)  # the exchange is ours, so is the local compute
+    h = torch.relu(grouped_mm(gather(received, lplan, backend), bank.keys, lplan, backend))
+    h = grouped_mm(h, bank.values, lplan, backend)
     ones = torch.ones(local_ids.numel(), dtype=x.dtype, device=x.device)
-    back = _AllToAll.apply(scatter(h, lplan, ones, bank.backend), send, recv, group)  # home, in expert order
+    back = _AllToAll.apply(scatter(h, lplan, ones, backend), send, recv, group)  # home, in expert order
     return scatter(back, plan, gates, "torch")
 
 

@@ -3,9 +3,19 @@ from __future__ import annotations
 
 import torch
 
+from kernels.backend import BACKENDS
 from kernels.backend import pick_backend as _pick
 from kernels.moe.plan import RoutingPlan, make_plan
 from kernels.moe.torch_impl import gather_torch, grouped_mm_torch, scatter_torch
+
+# "megablocks": the real package for the whole expert MLP where it installs (comparison only; never "auto").
+MOE_BACKENDS = (*BACKENDS, "megablocks")
+
+
+def primitive_backend(backend: str) -> str:
+    """The backend for our own primitives when `backend` names a whole-MLP implementation they cannot be."""
+    return "auto" if backend == "megablocks" else backend
+
 
 def pick_backend(x: torch.Tensor, backend: str) -> str:
     return _pick(x, backend, "moe dispatch")
@@ -52,6 +62,13 @@ def expert_mlp(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w
     Without `w_out` one expert matrix and no activation (SwitchHead's V and O projections). x [N_in, d];
     expert_ids, gates: F = N_in·fan_in entries in slot order. Returns [F // fan_out, d_out].
     """
+    if backend == "megablocks":
+        if fan_in != fan_out:
+            raise ValueError(f"the megablocks backend covers fan_in == fan_out (each row to its k experts and back); "
+                             f"got fan_in={fan_in}, fan_out={fan_out}")
+        from kernels.moe.megablocks_impl import expert_mlp_megablocks
+
+        return expert_mlp_megablocks(x, expert_ids.reshape(-1, fan_in), gates, w_in, w_out)
     plan = make_plan(expert_ids, w_in.shape[0], fan_in=fan_in, fan_out=fan_out,
                      block=block or default_block(x))
     h = grouped_mm(gather(x, plan, backend), w_in, plan, backend)
