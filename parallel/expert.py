@@ -60,10 +60,12 @@ def _expert_parallel_forward(bank: ExpertBank, x: torch.Tensor, expert_ids: torc
     # block 1: rows leave in exact expert order, those for each destination rank contiguous. The Triton
     # path tiles by >= 16 rows, so this unpadded gather (and the scatter home) take the torch path.
     plan = make_plan(expert_ids, num_experts, fan_in=k, fan_out=k, block=1)
-    outgoing = gather(x, plan, "torch")
     counts = plan.counts
     incoming_counts = torch.empty_like(counts)  # [source rank, my local expert]
-    dist.all_to_all_single(incoming_counts, counts, group=group)
+    # The count exchange runs while the rows are gathered into send order (spec §4: overlap it).
+    exchange = dist.all_to_all_single(incoming_counts, counts, group=group, async_op=True)
+    outgoing = gather(x, plan, "torch")
+    exchange.wait()
     send = counts.view(ep, local).sum(1).tolist()  # one host sync per call (spec §4 step 4)
     recv = incoming_counts.view(ep, local).sum(1).tolist()
     received = _AllToAll.apply(outgoing, recv, send, group)
