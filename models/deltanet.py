@@ -230,10 +230,18 @@ TP_PLAN = {
 }
 
 
+def layout_refusal(cfg: DeltaNetConfig, degrees: dict[str, int]) -> tuple[str, str] | None:
+    """The hybrids' attention layers are sequence mixers without a context-parallel form."""
+    if degrees.get("cp", 1) > 1 and cfg.attn_layers:
+        return "parallel.cp", (f"the {cfg.hybrid} hybrid's attention layers {cfg.attn_layers} would need ring attention "
+                               "across ranks, which is not implemented; allowed: 1")
+    return None
+
+
 register(
     ModelSpec(
         name="deltanet", config_cls=DeltaNetConfig, presets=PRESETS, model_cls=DeltaNet, tp_plan=TP_PLAN,
         pipeline_blocks=lm_pipeline_blocks, cp_core="layers.*.mixer.core", num_params=num_params,
-        flops_per_token=flops_per_token,
+        flops_per_token=flops_per_token, layout_refusal=layout_refusal,
     )
 )

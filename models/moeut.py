@@ -104,8 +104,8 @@ class MoEUTLayer(nn.Module):
                                         cfg.max_seq_len, cfg.rope_theta, cfg.moe_block,
                                         primitive_backend(cfg.moe_backend))  # megablocks has no per-head mapping
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = SigmaMoE(cfg.d_model, cfg.n_experts, cfg.expert_size, cfg.top_k, cfg.moe_block, cfg.moe_backend)
-        self.ffn.layer_index = index
+        self.ffn = SigmaMoE(cfg.d_model, cfg.n_experts, cfg.expert_size, cfg.top_k, cfg.moe_block, cfg.moe_backend,
+                            layer_index=index)
 
     def init_weights(self, scale: float) -> None:
         for norm in (self.attn_norm, self.ffn_norm):
@@ -201,7 +201,7 @@ def expert_load_metrics(model: nn.Module, reduce: Callable[[torch.Tensor], torch
 
 def pipeline_blocks(model: MoEUT) -> list[PipeBlock]:
     """Embedding, one block per depth (shared layers tied across the stages that run them), norm, head."""
-    depth = [PipeBlock(model.layers[i], tie=f"moeut_layer_{i}") for i in model.cfg.schedule()]
+    depth = [PipeBlock(model.layers[i], tie=f"moeut_layer_{i}", layer=True) for i in model.cfg.schedule()]
     return [PipeBlock(model.tok_embeddings), *depth, PipeBlock(model.norm), PipeBlock(model.output)]
 
 

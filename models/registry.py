@@ -28,6 +28,7 @@ class PipeBlock:
     module: nn.Module
     forward: Callable[[nn.Module, torch.Tensor], Any] | None = None
     tie: str | None = None
+    layer: bool = False  # one application of a repeated layer (the planner counts activations per layer)
 
 
 def lm_pipeline_blocks(model: nn.Module) -> list[PipeBlock]:
@@ -39,19 +40,50 @@ def lm_pipeline_blocks(model: nn.Module) -> list[PipeBlock]:
         head = PipeBlock(shared, lambda m, h: m["output"](h), tie="embeddings")
     else:
         embed, head = PipeBlock(model.tok_embeddings), PipeBlock(model.output)
-    return [embed, *(PipeBlock(layer) for layer in model.layers), PipeBlock(model.norm), head]
+    return [embed, *(PipeBlock(layer, layer=True) for layer in model.layers), PipeBlock(model.norm), head]
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes the planner's activation estimate reads (Korthikanti et al. 2022): residual width,
+    attention heads (0 for a model without attention scores), vocabulary."""
+
+    hidden: int
+    heads: int
+    vocab: int
+
+
+def lm_dims(cfg: Any) -> ModelDims:
+    """ModelDims of a config with `d_model`, `n_heads` and `vocab_size` fields."""
+    return ModelDims(cfg.d_model, cfg.n_heads, cfg.vocab_size)
+
+
+def lm_head_counts(cfg: Any) -> dict[str, int]:
+    """Counts TP must split whole, for a config whose attention has `n_heads` (and `n_kv_heads`)."""
+    kv = getattr(cfg, "n_kv_heads", None)
+    return {"n_heads": cfg.n_heads, **({"n_kv_heads": kv} if kv is not None else {})}
 
 
 @dataclass
 class ModelSpec:
+    """Everything `parallel/` and `launcher/` know about an architecture (models/README.md)."""
+
     name: str
     config_cls: type
     presets: dict[str, dict]  # preset name -> config field overrides
     model_cls: type[nn.Module]
-    tp_plan: dict[str, str] | None = None  # submodule-name pattern -> "colwise" | "rowwise" | "vocab"
+    # submodule-name pattern -> TP style: a built-in name ("colwise", "rowwise", "vocab", "headwise", "partial",
+    # "headwise_region", "expert_hidden") or a parallel.tp_styles.TPStyle object (sharding and plan in one)
+    tp_plan: dict[str, Any] | None = None
     pipeline_blocks: Callable[[nn.Module], list[PipeBlock]] | None = None  # model -> its forward as an ordered block list
-    cp_core: str | None = None  # submodule-name pattern of the sequence-mixing core swapped for context parallel
-    expert_bank: str | None = None  # submodule-name pattern of the expert bank swapped for expert parallel
+    # submodule-name pattern of the context-parallel cores (models.contract.ContextParallelCore)
+    cp_core: str | None = None
+    # submodule-name pattern of the expert banks (models.contract.ExpertBank), sharded for expert parallel
+    expert_bank: str | None = None
+    dims: Callable[[Any], ModelDims] = lm_dims  # cfg -> sizes for the planner's activation estimate
+    tp_units: Callable[[Any], dict[str, int]] = lm_head_counts  # cfg -> counts TP must split whole (heads)
+    # (cfg, {"tp", "pp", "dp", "cp", "ep": degree}) -> (spec key, reason) for a layout this config cannot run
+    layout_refusal: Callable[[Any, dict[str, int]], tuple[str, str] | None] | None = None
     num_params: Callable[[Any], int] | None = None  # cfg -> parameter count (tied weights once)
     flops_per_token: Callable[[Any, int], float] | None = None  # (cfg, seq_len) -> training FLOPs per token
     # (cfg, aux) -> loss term, for models whose training forward returns (logits, aux); None: aux.sum()

@@ -1,12 +1,11 @@
-"""Context parallelism for chunked DeltaNet (spec: ../shared/specs/deltanet.md §6; LASP-2 with a K×K transition).
+"""Context parallelism for any core of the `models.contract.ContextParallelCore` protocol (chunked DeltaNet:
+../shared/specs/deltanet.md §6, LASP-2 with a K×K transition; a diagonal recurrence such as Mamba's).
 
 Each of P ranks holds a contiguous slice of the token stream. A slice maps the state coming in to
-the state going out affinely, S_out = M_r S_in + E_r, so one all-gather of every rank's fp32
-summary [M_r | E_r] ([B, H, K, K+V], independent of the sequence length) lets rank r fold the
-summaries of the ranks before it (back to where its first sequence started) into the initial
-state of its ordinary local chunked pass. [M | E] is itself a delta-rule final state: run the
-slice with values [0 | v] from the initial state [I | 0]. The short convs read a (W−1)-row halo of
-the previous rank's projections.
+the state going out affinely, so one all-gather of every rank's fp32 summary (the delta rule's
+[M_r | E_r], [B, H, K, K+V], independent of the sequence length) lets rank r fold the summaries of
+the ranks before it (back to where its first sequence started) into the initial state of its
+ordinary local pass. Short convs read a `halo`-row left context of the previous rank's inputs.
 
 Gradients flow through both exchanges by autograd: an all-gather's backward is a reduce-scatter,
 which hands each summary (and halo) owner the sum of what later ranks needed of it. Every rank
@@ -18,14 +17,14 @@ DeepSpeed's gradient hooks (ZeRO-2 reduces buckets during backward) fire in the 
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.delta_rule import chunk_delta_rule
-from models.layers.delta_net import DeltaRuleCore
+from models.contract import ContextParallelCore, Inputs
 from parallel.tensor import gather_from_sp
 
 
@@ -55,65 +54,66 @@ def slice_meta(cu_seqlens: torch.Tensor | None, length: int, rank: int, world: i
                      cu[first] // length, cu[first], max(cu[last] - s0, 0), cu[last + 1] > e0)
 
 
-class ContextParallelDeltaRule(DeltaRuleCore):
-    """A `DeltaRuleCore` whose instance was re-classed by `apply_context_parallel` (as torch's FSDP2
-    does): same parameters, same names; `cu_seqlens` given to it are global."""
+class ContextParallel:
+    """Mixed into a context-parallel core's class by `apply_context_parallel` (the instance is re-classed,
+    as torch's FSDP2 does): same parameters, same names; `cu_seqlens` given to it are global. Replaces
+    the core's two hooks: `left_context` reads the previous rank's last rows, `recurrence` folds the
+    earlier ranks' summaries into this slice's initial state."""
 
     cp_group = None
 
-    def forward(self, q, k, v, beta, g=None, cu_seqlens=None):  # noqa: ANN001, ANN201 - DeltaRuleCore.forward
+    def forward(self, *inputs, cu_seqlens=None):  # noqa: ANN001, ANN002, ANN201 - the core's own forward
         self._rank, self._world = dist.get_rank(self.cp_group), dist.get_world_size(self.cp_group)
-        self._meta = slice_meta(cu_seqlens, q.shape[1], self._rank, self._world)
-        return super().forward(q, k, v, beta, g, self._meta.local_cu)
+        self._meta = slice_meta(cu_seqlens, inputs[0].shape[1], self._rank, self._world)
+        return super().forward(*inputs, cu_seqlens=self._meta.local_cu)
 
-    def _left_context(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.q_conv.width - 1
+    def left_context(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        n = self.halo
+        if n == 0:
+            return None, None
         T = xs[0].shape[1]
         if T < n:
-            raise ValueError(f"context parallel: {T} tokens per rank, the short conv needs at least {n}")
-        # one exchange for q, k and v together: a single backward collective per layer
+            raise ValueError(f"context parallel: {T} tokens per rank, the core needs a halo of {n}")
+        # one exchange for every input together: a single backward collective per layer
         halo = gather_from_sp(torch.cat([x[:, -n:] for x in xs], dim=-1).contiguous(), self.cp_group)  # [B, P·n, ΣC]
         prev = max(self._rank - 1, 0)  # rank 0 reads its own rows, all masked out: the gradient path stays uniform
         pos = torch.arange(self._rank * T - n, self._rank * T, device=halo.device)
         valid = (pos >= self._meta.first_start) & (pos >= 0)
         return halo[:, prev * n:(prev + 1) * n], torch.where(valid, 0, -1)  # id 0: this slice's first sequence
 
-    def _delta_rule(self, q, k, v, beta, g, cu_seqlens):  # noqa: ANN001, ANN202 - chunk_delta_rule's tensors
+    def recurrence(self, inputs: Inputs, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         meta, r = self._meta, self._rank
-        B, T, H, K = k.shape
-        V = v.shape[-1]
-        run = dict(chunk_size=self.chunk_size, backend=self.backend)
         a = meta.last_start
         if meta.last_continues:
-            sd = torch.promote_types(k.dtype, torch.float32)  # fp32 summaries (float64 for float64 inputs)
-            eye = torch.eye(K, dtype=sd, device=k.device).expand(B, H, K, K)
-            start = torch.cat([eye, eye.new_zeros(B, H, K, V)], dim=-1)
-            tail_v = torch.cat([v.new_zeros(B, T - a, H, K), v[:, a:]], dim=-1)
-            _, summary = chunk_delta_rule(k[:, a:], k[:, a:], tail_v, beta[:, a:], g=None if g is None else g[:, a:],
-                                          initial_state=start, output_final_state=True, **run)
-        else:  # nobody reads it; tied to k so the halo's backward still waits for this exchange's
-            summary = k.new_zeros(B, H, K, K + V, dtype=torch.promote_types(k.dtype, torch.float32)) + 0 * k[:, -1:].sum()
-        gathered = gather_from_sp(summary[:, None].contiguous(), self.cp_group)  # [B, P, H, K, K+V]
+            summary = self.summarize(tuple(None if t is None else t[:, a:] for t in inputs))
+        else:  # nobody reads it (zero_summary ties it to the inputs, so the backward collectives stay in step)
+            summary = self.zero_summary(inputs)
+        gathered = gather_from_sp(summary[:, None].contiguous(), self.cp_group)  # [B, P, ...summary]
         state = None
         for j in range(meta.first_start_rank, r):  # fp32, in rank order
-            M, E = gathered[:, j, ..., :K], gathered[:, j, ..., K:]
-            state = E if state is None else M @ state + E
+            state = self.fold(gathered[:, j], state)
         if state is not None and cu_seqlens is not None and len(cu_seqlens) > 2:
-            state = torch.cat([state, state.new_zeros(len(cu_seqlens) - 2, H, K, V)])  # later local sequences: 0
-        o, _ = chunk_delta_rule(q, k, v, beta, g=g, initial_state=state, cu_seqlens=cu_seqlens, **run)
+            state = torch.cat([state, state.new_zeros(len(cu_seqlens) - 2, *state.shape[1:])])  # later local sequences: 0
+        o = self.scan(inputs, state, cu_seqlens)
         if state is None:
             o = o + 0 * gathered.sum().to(o.dtype)  # keep this rank in the backward reduce-scatter
         return o
 
 
+@functools.cache
+def _context_parallel_class(cls: type) -> type:
+    return type(f"ContextParallel{cls.__name__}", (ContextParallel, cls), {})
+
+
 def apply_context_parallel(model: nn.Module, core_pattern: str, group) -> int:  # noqa: ANN001
-    """Swap every delta-rule core matching `core_pattern` for its context-parallel version; returns how many."""
+    """Swap every core matching `core_pattern` for its context-parallel version; returns how many."""
     n = 0
     for name, module in model.named_modules():
         if fnmatch.fnmatchcase(name, core_pattern):
-            if not isinstance(module, DeltaRuleCore):
-                raise ValueError(f"context parallel: {name} is a {type(module).__name__}, not a delta-rule core")
-            module.__class__ = ContextParallelDeltaRule
+            if not isinstance(module, ContextParallelCore):
+                raise ValueError(f"context parallel: {name} is a {type(module).__name__}, which does not implement "
+                                 "the context-parallel core protocol (models.contract.ContextParallelCore)")
+            module.__class__ = _context_parallel_class(type(module))
             module.cp_group = group
             n += 1
     return n

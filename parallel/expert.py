@@ -1,10 +1,10 @@
 """Expert parallelism for dropless MoE (spec: ../shared/specs/moeut.md §4; megablocks' parallel forward).
 
-`apply_expert_parallel` re-classes each expert bank (as `parallel/context.py` does with DeltaNet's core)
-into `ExpertParallelBank` and keeps its contiguous block of E/ep experts. Per call: a routing plan on
+`apply_expert_parallel` re-classes each expert bank (any module of the `models.contract.ExpertBank` protocol,
+as `parallel/context.py` does with context-parallel cores) and keeps its contiguous block of E/ep experts. Per call: a routing plan on
 global expert ids, one exchange of the per-expert counts, the rows in expert order sent with a
 variable-split all-to-all (its backward is the reverse exchange), a local plan over the received rows,
-the local grouped matmuls, and the reverse all-to-all home, where the gated scatter sums each row's
+the bank's own local compute (`expert_forward`: MoEUT's grouped matmuls), and the reverse all-to-all home, where the gated scatter sums each row's
 choices in a fixed order.
 
 Gradients follow DeepSpeed's MoE conventions, so its engine and ZeRO-1/2 reduce them: expert
@@ -24,9 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.moe import gather, grouped_mm, make_plan, scatter
-from kernels.moe.dispatch import default_block, primitive_backend
-from models.layers.sigma_moe import ExpertBank
+from kernels.moe import gather, make_plan, scatter
+from models.contract import ExpertBank, num_experts
 from parallel.topology import ProcessGroups
 
 
@@ -52,14 +51,14 @@ class _AllToAll(torch.autograd.Function):
         return dx, None, None, None
 
 
-def _expert_parallel_forward(bank: ExpertBank, x: torch.Tensor, expert_ids: torch.Tensor,
+def _expert_parallel_forward(bank: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor,
                              gates: torch.Tensor) -> torch.Tensor:
-    group, ep, num_experts = bank.ep_group, bank.ep_size, bank.num_experts
-    local = num_experts // ep
+    group, ep, experts = bank.ep_group, bank.ep_size, bank.num_experts
+    local = experts // ep
     k = expert_ids.shape[-1]
     # block 1: rows leave in exact expert order, those for each destination rank contiguous. The Triton
     # path tiles by >= 16 rows, so this unpadded gather (and the scatter home) take the torch path.
-    plan = make_plan(expert_ids, num_experts, fan_in=k, fan_out=k, block=1)
+    plan = make_plan(expert_ids, experts, fan_in=k, fan_out=k, block=1)
     counts = plan.counts
     incoming_counts = torch.empty_like(counts)  # [source rank, my local expert]
     # The count exchange runs while the rows are gathered into send order (spec §4: overlap it).
@@ -70,12 +69,8 @@ def _expert_parallel_forward(bank: ExpertBank, x: torch.Tensor, expert_ids: torc
     recv = incoming_counts.view(ep, local).sum(1).tolist()
     received = _AllToAll.apply(outgoing, recv, send, group)
     local_ids = torch.arange(local, device=x.device).repeat(ep).repeat_interleave(incoming_counts)
-    lplan = make_plan(local_ids, local, fan_in=1, fan_out=1, block=bank.block or default_block(x))
-    backend = primitive_backend(bank.backend)  # the exchange is ours, so is the local compute
-    h = torch.relu(grouped_mm(gather(received, lplan, backend), bank.keys, lplan, backend))
-    h = grouped_mm(h, bank.values, lplan, backend)
-    ones = torch.ones(local_ids.numel(), dtype=x.dtype, device=x.device)
-    back = _AllToAll.apply(scatter(h, lplan, ones, backend), send, recv, group)  # home, in expert order
+    h = bank.expert_forward(received, local_ids)  # the bank's own local compute over its experts
+    back = _AllToAll.apply(h, send, recv, group)  # home, in expert order
     return scatter(back, plan, gates, "torch")
 
 
@@ -83,8 +78,8 @@ def _expert_parallel_forward(bank: ExpertBank, x: torch.Tensor, expert_ids: torc
 def _bank_class() -> type:
     from deepspeed.moe.layer import MoE
 
-    class ExpertParallelBank(ExpertBank, MoE):
-        """An `ExpertBank` re-classed by `apply_expert_parallel`: it holds experts
+    class ExpertParallel(MoE):
+        """Mixed into an expert bank's class by `apply_expert_parallel`: the bank holds experts
         [ep_rank·E/ep, (ep_rank+1)·E/ep) and exchanges rows with the other ranks of its ep group."""
 
         def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -93,19 +88,24 @@ def _bank_class() -> type:
         def set_deepspeed_parallelism(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
             """The engine asks a MoE layer to create its groups; ours are registered already."""
 
-    return ExpertParallelBank
+    return ExpertParallel
+
+
+@functools.cache
+def _expert_parallel_class(cls: type) -> type:
+    # the mixin first: its forward replaces the bank's; the bank's own methods (expert_forward) stay
+    return type(f"ExpertParallel{cls.__name__}", (_bank_class(), cls), {})
 
 
 # DeepSpeed's native MoE checkpoint layout names each expert's tensors `<layer>.deepspeed_moe.experts.
 # deepspeed_experts.<id>.<name>` and writes one file per (layer, global expert): ep-independent.
 DS_EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts."
-EXPERT_TENSORS = ("keys", "values")
 
 
 def _state_dict_per_expert(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """The bank's [E_local, ...] tensors as one entry per local expert, so DeepSpeed's MoE checkpoint
     writes them one file per global expert (and keeps them out of the replicated model states)."""
-    for name in EXPERT_TENSORS:
+    for name in module.expert_parameters():
         stacked = state_dict.pop(prefix + name, None)
         if stacked is not None:
             for j, t in enumerate(stacked.unbind(0)):
@@ -114,7 +114,7 @@ def _state_dict_per_expert(module: nn.Module, state_dict: dict, prefix: str, loc
 
 def _load_per_expert(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:  # noqa: ANN002
     """The inverse on load: DeepSpeed hands back per-local-expert entries; stack them again."""
-    for name in EXPERT_TENSORS:
+    for name in module.expert_parameters():
         keys = [f"{prefix}{DS_EXPERT_KEY}{j}.{name}" for j in range(module.num_local_experts)]
         if all(k in state_dict for k in keys):
             state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
@@ -139,23 +139,25 @@ def apply_expert_parallel(model: nn.Module, pattern: str, groups: ProcessGroups)
     ep = groups.topology.ep
     rank = dist.get_rank(groups["ep"])
     name = _register_deepspeed_groups(groups)
-    cls = _bank_class()
     n = 0
     for path, module in model.named_modules():
-        if not fnmatch.fnmatchcase(path, pattern) or not isinstance(module, ExpertBank):
+        if not fnmatch.fnmatchcase(path, pattern):
             continue
-        num_experts = module.keys.shape[0]
-        if num_experts % ep:
-            raise ValueError(f"{path}: {num_experts} experts do not divide over parallel.ep={ep}")
-        local = num_experts // ep
-        for pname in ("keys", "values"):
+        if not isinstance(module, ExpertBank):
+            raise ValueError(f"expert parallel: {path} is a {type(module).__name__}, which does not implement the "
+                             "expert bank protocol (models.contract.ExpertBank)")
+        total = num_experts(module)
+        if total % ep:
+            raise ValueError(f"{path}: {total} experts do not divide over parallel.ep={ep}")
+        local = total // ep
+        for pname in module.expert_parameters():
             full = getattr(module, pname)
             shard = nn.Parameter(full.detach()[rank * local:(rank + 1) * local].clone())
             shard.allreduce, shard.group_name = False, name  # DeepSpeed's MoE parameter convention
             shard.ep_shard_dim = 0
             setattr(module, pname, shard)
-        module.__class__ = cls
-        module.ep_group, module.ep_size, module.num_experts = groups["ep"], ep, num_experts
+        module.__class__ = _expert_parallel_class(type(module))
+        module.ep_group, module.ep_size, module.num_experts = groups["ep"], ep, total
         module.num_local_experts, module.expert_group_name = local, name
         module.register_state_dict_post_hook(_state_dict_per_expert)
         module.register_load_state_dict_pre_hook(_load_per_expert)

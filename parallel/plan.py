@@ -21,7 +21,6 @@ DeepSpeed's data-parallel group (`mpu.py`).
 from __future__ import annotations
 
 import fnmatch
-
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -29,7 +28,10 @@ import torch
 from torch import nn
 
 import models
+from models.contract import ContextParallelCore, ExpertBank, num_experts
 from models.registry import PipeBlock
+from parallel.apply_tp import has_region_styles, matched_styles
+from parallel.tp_styles import ShardError
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -108,42 +110,22 @@ def meta_model(cfg) -> nn.Module:  # noqa: ANN001 - any registered arch's config
         return models.build(cfg)
 
 
-def tp_shard_sizes(model: nn.Module, plan: dict[str, str] | None, tp: int) -> dict[int, int]:
-    """Elements one TP rank holds of each parameter, keyed by id (tied weights appear once).
-
-    colwise: weight rows and bias split; rowwise: weight columns split, bias replicated;
-    vocab: embedding rows split; headwise (and headwise_region): every parameter split on dim 0;
-    expert_hidden: the experts' hidden width split; partial and anything the plan does not name: replicated.
-    """
-    from parallel.apply_tp import _style  # the same pattern matching as the real swap
-
+def tp_shard_sizes(model: nn.Module, plan: dict | None, tp: int) -> dict[int, int]:
+    """Elements one TP rank holds of each parameter, keyed by id (tied weights appear once): each
+    matched module's style object says what it splits (`parallel/tp_styles.py`), the same object the
+    real swap applies; anything the plan does not name stays replicated."""
     sizes = {id(p): p.numel() for p in model.parameters()}
     if tp == 1:
         return sizes
     if not plan:
         raise LayoutError("parallel.tp", "this model arch declares no tensor-parallel plan; allowed: 1")
-    for name, module in model.named_modules():
-        style = _style(plan, name)
-        if style is None:
-            continue
-        if style == "partial":
-            continue
-        dims = {}
-        if style in ("headwise", "headwise_region"):
-            sharded = list(module.named_parameters(recurse=False))
-        elif style == "expert_hidden":
-            from parallel.apply_tp import EXPERT_HIDDEN_DIMS
-
-            sharded, dims = [(n, getattr(module, n)) for n in EXPERT_HIDDEN_DIMS], EXPERT_HIDDEN_DIMS
-        else:
-            sharded = [("weight", module.weight)]
-            if getattr(module, "bias", None) is not None and style == "colwise":
-                sharded.append(("bias", module.bias))
-        for pname, p in sharded:
-            dim = dims.get(pname, 1 if style == "rowwise" and pname == "weight" else 0)
-            if p.shape[dim] % tp:
-                raise LayoutError("parallel.tp", f"{name}.{pname} dimension {dim} ({p.shape[dim]}) is not divisible by tp={tp}")
-            sizes[id(p)] = p.numel() // tp
+    for name, module, style in matched_styles(model, plan):
+        try:
+            local = style.local_sizes(module, tp, name)
+        except ShardError as e:
+            raise LayoutError("parallel.tp", str(e)) from None
+        for pname, n in local.items():
+            sizes[id(getattr(module, pname))] = n
     return sizes
 
 
@@ -205,7 +187,8 @@ def layer_activation_bytes(cfg, work: Workload, layout: Layout, checkpointed: bo
     scores); our SwiGLU blocks have no dropout and SDPA's fused kernels drop the 5·a·s/h score
     term on GPU, so read it as an upper bound.
     """
-    s, b, h, a, t = work.seq_len / layout.cp, work.micro_batch, cfg.d_model, cfg.n_heads, layout.tp
+    dims = models.get_spec(cfg.arch).dims(cfg)
+    s, b, h, a, t = work.seq_len / layout.cp, work.micro_batch, dims.hidden, dims.heads, layout.tp
     scale = DTYPE_BYTES[work.dtype] / 2
     if checkpointed:
         return 2 * s * b * h / (t if layout.sequence_parallel else 1) * scale
@@ -217,8 +200,9 @@ def layer_activation_bytes(cfg, work: Workload, layout: Layout, checkpointed: bo
 def output_activation_bytes(cfg, work: Workload, layout: Layout) -> float:  # noqa: ANN001
     """The last stage's head and loss, per micro-batch (same paper, sec. 4.3): 4·s·b·h/t in 16-bit for
     the final norm and the head's input, plus the logits kept in fp32 by the cross-entropy, 4·s·b·v/t."""
+    dims = models.get_spec(cfg.arch).dims(cfg)
     s, b, t = work.seq_len / layout.cp, work.micro_batch, layout.tp
-    return (4 * s * b * cfg.d_model * DTYPE_BYTES[work.dtype] / 2 + 4 * s * b * cfg.vocab_size) / t
+    return (4 * s * b * dims.hidden * DTYPE_BYTES[work.dtype] / 2 + 4 * s * b * dims.vocab) / t
 
 
 def optimizer_bytes_per_param(dtype: torch.dtype) -> int:
@@ -227,49 +211,42 @@ def optimizer_bytes_per_param(dtype: torch.dtype) -> int:
 
 
 def check_layout(cfg, layout: Layout, work: Workload) -> None:  # noqa: ANN001
-    """What the real code refuses or breaks on, raised before any arithmetic."""
+    """What the real code refuses or breaks on, from the config and the arch's declarations alone."""
+    spec = models.get_spec(cfg.arch)
     if layout.sequence_parallel and layout.tp == 1:
         raise LayoutError("parallel.sequence_parallel", "shards activations over the TP group: it needs tp > 1")
     if layout.pp > 1 and layout.zero > 1:
         raise LayoutError("parallel.zero", f"pipeline parallelism allows ZeRO stage 0 or 1 (DeepSpeed's pipeline engine), got {layout.zero}")
-    for name in ("n_heads", "n_kv_heads"):  # TP splits attention by whole heads
-        heads = getattr(cfg, name, None)
-        if heads is not None and heads % layout.tp:
-            raise LayoutError("parallel.tp", f"{name}={heads} is not divisible by tp={layout.tp} "
-                                             f"({heads} % {layout.tp} = {heads % layout.tp}): TP splits whole heads")
+    if layout.tp > 1:
+        for name, count in spec.tp_units(cfg).items():  # e.g. heads: TP splits them whole
+            if count % layout.tp:
+                raise LayoutError("parallel.tp", f"{name}={count} is not divisible by tp={layout.tp} "
+                                                 f"({count} % {layout.tp} = {count % layout.tp}): TP splits whole heads")
     if work.seq_len % layout.cp:
         raise LayoutError("parallel.cp", f"data.seq_len={work.seq_len} is not divisible by cp={layout.cp}")
-    if layout.cp > 1:
-        _check_context_parallel(cfg, layout, work)
+    if layout.cp > 1 and spec.cp_core is None:
+        raise LayoutError("parallel.cp", f"model arch {cfg.arch!r} has no context-parallel core; allowed: 1")
     if layout.ep > 1:
-        _check_expert_parallel(cfg, layout)
+        _check_expert_layout(cfg, spec, layout)
+    if spec.layout_refusal is not None:
+        refused = spec.layout_refusal(cfg, {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "cp": layout.cp,
+                                            "ep": layout.ep})
+        if refused is not None:
+            raise LayoutError(*refused)
     if layout.sequence_parallel and (work.seq_len // layout.cp) % layout.tp:
         raise LayoutError("parallel.sequence_parallel", f"the sequence per rank ({work.seq_len // layout.cp}) is not divisible by tp={layout.tp}")
+    if layout.sequence_parallel and has_region_styles(spec.tp_plan):
+        raise LayoutError("parallel.sequence_parallel", f"model arch {cfg.arch!r} has mixture-of-experts TP regions, "
+                                                        "which do not run on sequence shards; allowed: false")
 
 
-def _check_context_parallel(cfg, layout: Layout, work: Workload) -> None:  # noqa: ANN001
-    if models.get_spec(cfg.arch).cp_core is None:
-        raise LayoutError("parallel.cp", f"model arch {cfg.arch!r} has no context-parallel core; allowed: 1")
-    if getattr(cfg, "attn_layers", None):
-        raise LayoutError("parallel.cp", f"the {getattr(cfg, 'hybrid', '')} hybrid's attention layers {cfg.attn_layers} "
-                                         "would need ring attention across ranks, which is not implemented; allowed: 1")
-    halo = getattr(cfg, "conv_width", 1) - 1
-    if work.seq_len // layout.cp < halo:
-        raise LayoutError("parallel.cp", f"{work.seq_len // layout.cp} tokens per rank (data.seq_len={work.seq_len} / "
-                                         f"cp={layout.cp}) is shorter than the short conv's {halo}-token halo")
-
-
-def _check_expert_parallel(cfg, layout: Layout) -> None:  # noqa: ANN001
-    if models.get_spec(cfg.arch).expert_bank is None:
+def _check_expert_layout(cfg, spec: models.ModelSpec, layout: Layout) -> None:  # noqa: ANN001
+    if spec.expert_bank is None:
         raise LayoutError("parallel.ep", f"model arch {cfg.arch!r} has no experts to shard; allowed: 1")
     plane = layout.dp * layout.cp
     if plane % layout.ep:
         raise LayoutError("parallel.ep", f"ep={layout.ep} must divide dp×cp = {layout.dp}×{layout.cp} = {plane} "
                                          "(experts are sharded over data-parallel ranks)")
-    experts = getattr(cfg, "n_experts", None)
-    if experts is not None and experts % layout.ep:
-        raise LayoutError("parallel.ep", f"n_experts={experts} is not divisible by ep={layout.ep} "
-                                         f"({experts} % {layout.ep} = {experts % layout.ep})")
     if layout.pp > 1:
         raise LayoutError("parallel.ep", "expert parallelism inside pipeline stages is not implemented; "
                                          "allowed with pp > 1: 1")
@@ -278,36 +255,73 @@ def _check_expert_parallel(cfg, layout: Layout) -> None:  # noqa: ANN001
                                          "allowed with tp > 1: 1")
 
 
+def _matching(model: nn.Module, pattern: str | None) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if pattern is not None and fnmatch.fnmatchcase(n, pattern)]
+
+
+def check_cores(model: nn.Module, spec: models.ModelSpec, layout: Layout, work: Workload) -> None:
+    """The swappable cores of the meta model against the layout: they implement their protocol, and
+    their own sizes (halo, expert count) fit."""
+    if layout.cp > 1:
+        cores = _matching(model, spec.cp_core)
+        if not cores:
+            raise LayoutError("parallel.cp", f"model arch {spec.name!r} has no module matching its context-parallel "
+                                             f"core {spec.cp_core!r}; allowed: 1")
+        for name, core in cores:
+            if not isinstance(core, ContextParallelCore):
+                raise LayoutError("parallel.cp", f"{name} ({type(core).__name__}) does not implement the "
+                                                 "context-parallel core protocol; allowed: 1")
+        halo = max(core.halo for _, core in cores)
+        if work.seq_len // layout.cp < halo:
+            raise LayoutError("parallel.cp", f"{work.seq_len // layout.cp} tokens per rank (data.seq_len={work.seq_len} / "
+                                             f"cp={layout.cp}) is shorter than the context-parallel core's {halo}-token halo")
+    if layout.ep > 1:
+        banks = _matching(model, spec.expert_bank)
+        if not banks:
+            raise LayoutError("parallel.ep", f"model arch {spec.name!r} has no module matching its expert bank "
+                                             f"{spec.expert_bank!r}; allowed: 1")
+        for name, bank in banks:
+            if not isinstance(bank, ExpertBank):
+                raise LayoutError("parallel.ep", f"{name} ({type(bank).__name__}) does not implement the expert bank "
+                                                 "protocol; allowed: 1")
+            experts = num_experts(bank)
+            if experts % layout.ep:
+                raise LayoutError("parallel.ep", f"n_experts={experts} (of {name}) is not divisible by ep={layout.ep} "
+                                                 f"({experts} % {layout.ep} = {experts % layout.ep})")
+
+
 def expert_shard_sizes(model: nn.Module, pattern: str | None, ep: int, sizes: dict[int, int]) -> dict[int, int]:
     """`sizes` with the expert banks' parameters divided over ep ranks."""
     if ep == 1 or pattern is None:
         return sizes
     out = dict(sizes)
-    for name, module in model.named_modules():
-        if fnmatch.fnmatchcase(name, pattern):
-            for p in module.parameters():
-                out[id(p)] = sizes[id(p)] // ep
+    for _, bank in _matching(model, pattern):
+        for pname in bank.expert_parameters():
+            p = getattr(bank, pname)
+            out[id(p)] = sizes[id(p)] // ep
     return out
+
+
+def _blocks(spec: models.ModelSpec, model: nn.Module, layout: Layout) -> list[PipeBlock]:
+    if spec.pipeline_blocks is None:
+        if layout.pp > 1:
+            raise LayoutError("parallel.pp", f"model arch {spec.name!r} declares no pipeline blocks; allowed: 1")
+        return [PipeBlock(model)]
+    blocks = spec.pipeline_blocks(model)
+    if len(blocks) < layout.pp:
+        raise LayoutError("parallel.pp", f"pp={layout.pp} stages but the model has only {len(blocks)} pipeline blocks "
+                                         f"({sum(b.layer for b in blocks)} of them layers)")
+    return blocks
 
 
 def validate_layout(cfg, layout: Layout, work: Workload) -> None:  # noqa: ANN001
     """Everything about `layout` the real code would refuse, from shapes alone (a meta model)."""
     check_layout(cfg, layout, work)
     spec = models.get_spec(cfg.arch)
-    from parallel.apply_tp import REGION_STYLES
-
-    if layout.sequence_parallel and set(REGION_STYLES) & set((spec.tp_plan or {}).values()):
-        raise LayoutError("parallel.sequence_parallel", f"model arch {cfg.arch!r} has mixture-of-experts TP regions, "
-                                                        "which do not run on sequence shards; allowed: false")
     model = meta_model(cfg)
+    check_cores(model, spec, layout, work)
     tp_shard_sizes(model, spec.tp_plan, layout.tp)
-    if layout.pp > 1:
-        if spec.pipeline_blocks is None:
-            raise LayoutError("parallel.pp", f"model arch {cfg.arch!r} declares no pipeline blocks; allowed: 1")
-        n = len(spec.pipeline_blocks(model))
-        if n < layout.pp:
-            raise LayoutError("parallel.pp", f"pp={layout.pp} stages but the model has only {n} pipeline blocks "
-                                             f"(embedding + {getattr(cfg, 'n_layers', '?')} layers + norm + head)")
+    _blocks(spec, model, layout)
 
 
 def make_plan(cfg, layout: Layout, work: Workload, *, peak_tflops: float | None = None, mfu: float = 0.4) -> Plan:  # noqa: ANN001
@@ -315,17 +329,15 @@ def make_plan(cfg, layout: Layout, work: Workload, *, peak_tflops: float | None 
     check_layout(cfg, layout, work)
     spec = models.get_spec(cfg.arch)
     model = meta_model(cfg)
+    check_cores(model, spec, layout, work)
     sizes = expert_shard_sizes(model, spec.expert_bank, layout.ep, tp_shard_sizes(model, spec.tp_plan, layout.tp))
-    if layout.pp > 1 and spec.pipeline_blocks is None:
-        raise LayoutError("parallel.pp", f"model arch {cfg.arch!r} declares no pipeline blocks; allowed: 1")
-    blocks = spec.pipeline_blocks(model) if spec.pipeline_blocks else [PipeBlock(model)]
+    blocks = _blocks(spec, model, layout)
     bounds = stage_blocks(blocks, sizes, layout.pp, layout.partition)
 
     params_total = spec.num_params(cfg) if spec.num_params else sum(p.numel() for p in model.parameters())
     fwd = _block_forward_flops(blocks, work.seq_len) or [float(sum(sizes[id(p)] for p in _block_params(b))) for b in blocks]
     fpt = spec.flops_per_token(cfg, work.seq_len) if spec.flops_per_token else 3 * sum(fwd) / work.seq_len
     tokens_per_step = work.seq_len * work.micro_batch * work.grad_accum * layout.dp
-    layer_ids = {id(m) for m in getattr(model, "layers", ())}
     nbytes = DTYPE_BYTES[work.dtype]
     zero_group = layout.dp * layout.cp
     per_stage_ranks = layout.world // layout.pp  # pp is the slowest axis of the rank grid
@@ -337,7 +349,7 @@ def make_plan(cfg, layout: Layout, work: Workload, *, peak_tflops: float | None 
         own = blocks[bounds[s]:bounds[s + 1]]
         unique = {id(p) for b in own for p in _block_params(b)}
         params = sum(sizes[i] for i in unique)
-        layers = len({id(m) for b in own for m in b.module.modules()} & layer_ids)
+        layers = sum(b.layer for b in own)  # applications: a shared layer run twice keeps two sets of activations
         in_flight = min(layout.pp - s, work.grad_accum)  # 1F1B: stage s holds pp - s micro-batches at most
         head = output_activation_bytes(cfg, work, layout) if s == layout.pp - 1 else 0.0
         full = layer_activation_bytes(cfg, work, layout, checkpointed=False)

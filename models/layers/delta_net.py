@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.delta_rule import chunk_delta_rule, delta_rule_recurrent
+from models.contract import Inputs, SequenceCore
 from models.layers.norm import RMSNorm, upcast
 from models.layers.short_conv import ShortConv
 
@@ -31,17 +32,18 @@ def sequence_ids(cu_seqlens: torch.Tensor | None, T: int) -> torch.Tensor | None
     return torch.searchsorted(cu_seqlens[1:].to(torch.long), torch.arange(T, device=cu_seqlens.device), right=True)
 
 
-class DeltaRuleCore(nn.Module):
+class DeltaRuleCore(SequenceCore):
     """Short convs (+SiLU) on the q/k/v projections, L2 norm of q/k, then the chunked delta rule.
 
-    The sequence-mixing core that `parallel/` swaps for a context-parallel one: it overrides
-    `_left_context` (the previous rank's last rows for the convs) and `_delta_rule` (cross-rank chunk
-    summaries).
+    A context-parallel core (`models.contract`): a slice maps the state coming in to the state going
+    out affinely, S_out = M S_in + E, and [M | E] ([B, H, K, K+V]) is itself a delta-rule final state —
+    the slice run with values [0 | v] from the initial state [I | 0] (spec §6).
     """
 
     def __init__(self, key_dim: int, value_dim: int, head_dim: int, conv_width: int, chunk_size: int, backend: str):
         super().__init__()
         self.head_dim, self.chunk_size, self.backend = head_dim, chunk_size, backend
+        self.halo = conv_width - 1
         self.q_conv = ShortConv(key_dim, conv_width)
         self.k_conv = ShortConv(key_dim, conv_width)
         self.v_conv = ShortConv(value_dim, conv_width)
@@ -50,23 +52,44 @@ class DeltaRuleCore(nn.Module):
         for conv in (self.q_conv, self.k_conv, self.v_conv):
             conv.reset_parameters()
 
-    def _left_context(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(rows before each x, concatenated on channels [B, W-1, ΣC]; their sequence ids): none on one device."""
-        return None, None
+    def _run(self, **kw) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: ANN003
+        return chunk_delta_rule(**kw, chunk_size=self.chunk_size, backend=self.backend)
 
-    def _delta_rule(self, q, k, v, beta, g, cu_seqlens):  # noqa: ANN001, ANN202 - chunk_delta_rule's tensors
-        return chunk_delta_rule(q, k, v, beta, g=g, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size,
-                                backend=self.backend)[0]
+    def scan(self, inputs: Inputs, initial_state: torch.Tensor | None,
+             cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        q, k, v, beta, g = inputs
+        return self._run(q=q, k=k, v=v, beta=beta, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens)[0]
+
+    def summarize(self, inputs: Inputs) -> torch.Tensor:
+        _, k, v, beta, g = inputs
+        B, T, H, K = k.shape
+        sd = torch.promote_types(k.dtype, torch.float32)  # fp32 summaries (float64 for float64 inputs)
+        eye = torch.eye(K, dtype=sd, device=k.device).expand(B, H, K, K)
+        start = torch.cat([eye, eye.new_zeros(B, H, K, v.shape[-1])], dim=-1)
+        values = torch.cat([v.new_zeros(B, T, H, K), v], dim=-1)
+        return self._run(q=k, k=k, v=values, beta=beta, g=g, initial_state=start, output_final_state=True)[1]
+
+    def zero_summary(self, inputs: Inputs) -> torch.Tensor:
+        _, k, v, _, _ = inputs
+        B, _, H, K = k.shape
+        # tied to k, so a rank that sends nothing still runs the same backward collectives, in order
+        zeros = k.new_zeros(B, H, K, K + v.shape[-1], dtype=torch.promote_types(k.dtype, torch.float32))
+        return zeros + 0 * k[:, -1:].sum()
+
+    def fold(self, summary: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        K = summary.shape[-2]
+        M, E = summary[..., :K], summary[..., K:]
+        return E if state is None else M @ state + E
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                g: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                g: torch.Tensor | None = None, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """q, k [B,T,H·K], v [B,T,H·V] (projections, before the conv); beta, g [B,T,H] -> o [B,T,H,V]."""
         ids = sequence_ids(cu_seqlens, q.shape[1])
-        left, left_ids = self._left_context((q, k, v))
+        left, left_ids = self.left_context((q, k, v))
         lefts = left.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1) if left is not None else (None,) * 3
         q, k, v = (F.silu(conv(x, ids, lx, left_ids)).unflatten(-1, (-1, self.head_dim))
                    for conv, x, lx in zip((self.q_conv, self.k_conv, self.v_conv), (q, k, v), lefts))
-        return self._delta_rule(l2_normalize(q), l2_normalize(k), v, beta, g, cu_seqlens)
+        return self.recurrence((l2_normalize(q), l2_normalize(k), v, beta, g), cu_seqlens)
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None,
              cache: dict) -> torch.Tensor:
@@ -146,7 +169,7 @@ class DeltaNetMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         beta, g = self._gates(x)
-        o = self.core(self.q_proj(x), self.k_proj(x), self.v_proj(x), beta, g, cu_seqlens)
+        o = self.core(self.q_proj(x), self.k_proj(x), self.v_proj(x), beta, g, cu_seqlens=cu_seqlens)
         return self._out(x, o)
 
     def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:

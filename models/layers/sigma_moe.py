@@ -11,11 +11,13 @@ import torch
 from torch import nn
 
 from kernels.moe import expert_mlp
+from kernels.moe.dispatch import primitive_backend
 from models.layers.norm import upcast
 
 
-class ExpertBank(nn.Module):
-    """E two-layer ReLU experts: keys [E, d, es], values [E, es, d], no biases."""
+class ExpertMLPs(nn.Module):
+    """E two-layer ReLU experts: keys [E, d, es], values [E, es, d], no biases. An expert bank
+    (`models.contract.ExpertBank`): experts on dim 0, the hidden width es on dims 2 and 1."""
 
     def __init__(self, num_experts: int, dim: int, expert_size: int, block: int | None = None, backend: str = "auto"):
         super().__init__()
@@ -23,11 +25,21 @@ class ExpertBank(nn.Module):
         self.values = nn.Parameter(torch.empty(num_experts, expert_size, dim))
         self.block, self.backend = block, backend
 
+    def expert_parameters(self) -> dict[str, int]:
+        return {"keys": 2, "values": 1}
+
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x [N, d], expert_ids and gates [N, k] -> [N, d] = Σ_j gates[:, j] · relu(x keys_e) values_e."""
         k = expert_ids.shape[-1]
         return expert_mlp(x, expert_ids, gates.to(x.dtype), self.keys, self.values, fan_in=k, fan_out=k,
                           block=self.block, backend=self.backend)
+
+    def expert_forward(self, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """rows [N, d], expert_ids [N] -> relu(rows keys_e) values_e per row (our primitives: megablocks
+        has no ungated per-row entry point)."""
+        ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
+        return expert_mlp(rows, expert_ids[:, None], ones, self.keys, self.values, fan_in=1, fan_out=1,
+                          block=self.block, backend=primitive_backend(self.backend))
 
 
 def renorm_keep_std(w: torch.Tensor) -> None:
@@ -39,11 +51,11 @@ def renorm_keep_std(w: torch.Tensor) -> None:
 
 class SigmaMoE(nn.Module):
     def __init__(self, dim: int, num_experts: int, expert_size: int, top_k: int, block: int | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", layer_index: int = 0):
         super().__init__()
-        self.top_k = top_k
+        self.top_k, self.layer_index = top_k, layer_index  # the index names its load metrics
         self.router = nn.Parameter(torch.empty(num_experts, dim))  # W_sel
-        self.experts = ExpertBank(num_experts, dim, expert_size, block, backend)
+        self.experts = ExpertMLPs(num_experts, dim, expert_size, block, backend)
         self.load: torch.Tensor | None = None  # assignments per expert in training since last read (for metrics)
 
     @torch.no_grad()

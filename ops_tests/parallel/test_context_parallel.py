@@ -26,13 +26,13 @@ def _mixer(decay_gate: bool, dtype: torch.dtype):  # noqa: ANN202
     inputs = {}  # the per-token tensors entering the delta rule (after convs and norms), to compare their gradients
     core = m.core
 
-    def spy(q, k, v, beta, g, cu):  # noqa: ANN001, ANN202
-        for name, t in zip(("q", "k", "v", "beta", "g"), (q, k, v, beta, g)):
+    def spy(xs, cu):  # noqa: ANN001, ANN202
+        for name, t in zip(("q", "k", "v", "beta", "g"), xs):
             if t is not None:
                 t.retain_grad()
                 inputs[name] = t
-        return type(core)._delta_rule(core, q, k, v, beta, g, cu)  # the class in force (context parallel or not)
-    core._delta_rule = spy
+        return type(core).recurrence(core, xs, cu)  # the class in force (context parallel or not)
+    core.recurrence = spy
     return m.to(dtype), inputs
 
 
