@@ -11,11 +11,12 @@ import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from kernels.fileio import atomic_write
+
 from .errors import DataError
 from .fetch import fetch_sdist
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmforge." + __name__)
 
 # Bump when the extraction below changes, so stale caches are rebuilt.
 _BUILTIN_VERSION = 1
@@ -112,7 +113,7 @@ def builtin_documents(cache_dir: Path) -> list[Document]:
             raise DataError(f"corrupt corpus cache {cached}: delete it and retry ({e})") from e
     log.info("building the built-in corpus under %s", cache_dir)
     docs = _build_builtin(cache_dir)
-    atomic_write_text(cached, json.dumps({"version": _BUILTIN_VERSION, "documents": [asdict(d) for d in docs]}))
+    atomic_write(cached, json.dumps({"version": _BUILTIN_VERSION, "documents": [asdict(d) for d in docs]}))
     log.info("built-in corpus: %d documents, %.1f MB", len(docs), sum(len(d.text) for d in docs) / 1e6)
     return docs
 

@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .atomic import file_sha256
+from kernels.fileio import file_sha256
+
 from .errors import DataError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmforge." + __name__)
 
 
 def _pip_download(name: str, version: str, download_dir: Path) -> None:

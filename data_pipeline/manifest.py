@@ -5,7 +5,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from kernels.fileio import atomic_write
+
 from .errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -49,7 +50,7 @@ class Manifest:
 
 def save_manifest(m: Manifest, dir: Path) -> Path:
     path = Path(dir) / MANIFEST_NAME
-    atomic_write_text(path, json.dumps(asdict(m), indent=1) + "\n")
+    atomic_write(path, json.dumps(asdict(m), indent=1) + "\n")
     return path
 
 

@@ -11,15 +11,16 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from .atomic import atomic_write_bytes
+from kernels.fileio import atomic_write, file_sha256
+
 from .corpus import Document, builtin_documents, user_documents
 from .errors import DataError
 from .manifest import MANIFEST_NAME, MANIFEST_VERSION, Manifest, SplitInfo, load_manifest, save_manifest
 from .shards import token_dtype, write_shards
 from .split import order_documents, truncate, val_keys
-from .tokenizer import eot_id, file_sha256, load_tokenizer, train_bpe
+from .tokenizer import eot_id, load_tokenizer, train_bpe
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmforge." + __name__)
 
 TOKENIZER_NAME = "tokenizer.json"
 _ENCODE_CHUNK = 16  # documents per encode_batch call: enough to use all cores, few enough for progress
@@ -99,7 +100,7 @@ def _tokenizer(out_dir: Path, given: bytes | None, train_docs: Sequence[Document
     path = out_dir / TOKENIZER_NAME
     if given is None:
         return train_bpe(train_docs, vocab_size, path)
-    atomic_write_bytes(path, given)
+    atomic_write(path, given)
     tok = load_tokenizer(path)
     if tok.get_vocab_size() > vocab_size:
         raise DataError(f"tokenizer {path} has {tok.get_vocab_size()} tokens, more than vocab_size "

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels.fileio import file_sha256
+
 from .errors import DataError
 from .manifest import PREPARE_HINT, Manifest, SplitInfo
 from .shards import read_shard
-from .tokenizer import file_sha256
 
 
 def check_shards_present(shards_dir: Path, split: SplitInfo) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tarfile
 from pathlib import Path
 
@@ -10,11 +9,12 @@ import numpy as np
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from kernels.fileio import atomic_open, file_sha256
+
 from .errors import DataError
 from .manifest import ShardInfo
-from .tokenizer import file_sha256
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmforge." + __name__)
 
 FIELD = "tokens.bin"  # raw little-endian token ids, seq_len + 1 of them
 
@@ -35,16 +35,12 @@ def shard_name(split: str, index: int) -> str:
 def write_shard(path: Path, samples: np.ndarray) -> ShardInfo:
     """Write `samples` [n, seq_len+1] as one tar shard (atomically) and describe it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     rows = samples.astype(samples.dtype.newbyteorder("<"), copy=False)
     # Fixed mtime/owner make the shard a pure function of its tokens (stable sha256).
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         with TarWriter(f, encoder=False, mtime=0, user="lmforge", group="lmforge") as w:
             for i, row in enumerate(rows):
                 w.write({"__key__": f"{i:08d}", FIELD: row.tobytes()})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return ShardInfo(name=path.name, samples=len(samples), sha256=file_sha256(path))
 
 

@@ -20,7 +20,7 @@ from .manifest import load_manifest
 from .order import EpochOrder
 from .shard_cache import ShardCache, check_shards_present
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmforge." + __name__)
 
 
 class TokenStream:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .atomic import atomic_write_text, file_sha256  # noqa: F401 - re-exported
+from kernels.fileio import atomic_write
+
 from .corpus import Document
 from .errors import DataError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmforge." + __name__)
 
 EOT = "<|endoftext|>"
 
@@ -35,7 +36,7 @@ def train_bpe(docs: Sequence[Document], vocab_size: int, out_path: Path) -> Toke
     )
     log.info("training byte-level BPE (vocab %d) on %d documents", vocab_size, len(docs))
     tok.train_from_iterator((d.text for d in docs), trainer=trainer, length=len(docs))
-    atomic_write_text(Path(out_path), tok.to_str())
+    atomic_write(Path(out_path), tok.to_str())
     return tok
 
 

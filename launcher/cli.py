@@ -12,7 +12,9 @@ from pathlib import Path
 
 from launcher.errors import SpecError, UserError
 
-log = logging.getLogger("lmforge.cli")
+# Every package logger is "lmforge." + its module path (the console filter below keys on the root); spelled
+# out here because `python -m launcher.cli` (the detached driver) runs this module as __main__.
+log = logging.getLogger("lmforge.launcher.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,7 +82,8 @@ def _setup_logging(debug: bool, logfile: Path | None = None) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
     console.setLevel(logging.DEBUG if debug else logging.INFO)
-    # Library chatter (DeepSpeed, Ray) stays in the log files unless --debug.
+    # Library chatter (DeepSpeed, Ray) stays in the log files unless --debug; ours is every logger under
+    # "lmforge" (`logging.getLogger("lmforge." + __name__)` in each package module).
     console.addFilter(lambda r: debug or r.name.startswith("lmforge") or r.levelno >= logging.ERROR)
     root.addHandler(console)
     if logfile:

@@ -2,8 +2,10 @@
 
 `<train.output_dir>/<name>/` holds `spec.yaml`, `state.json` (written by the driver only),
 `workers/rank<R>.json` (each rank's host, pid, step and heartbeat, written by that rank),
-`checkpoints/`, `logs/`, `stop` (a stop request) and `fatal.json` (written by rank 0 when a policy
-ends the job: Ray Train would restart a raising worker, but a NaN or a full disk comes back). Keeping one writer per file avoids races.
+`checkpoints/`, `logs/`, `stop` (a stop request), `fatal.json` (written by rank 0 when a policy
+ends the job: Ray Train would restart a raising worker, but a NaN or a full disk comes back) and `hangs.jsonl`
+(one line per rank the driver's watchdog killed: that rank's last report, when the watchdog looked and when it
+killed). Keeping one writer per file avoids races.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kernels.fileio import atomic_write
 from launcher.errors import JobError
 
 STATES = ("PENDING", "RUNNING", "RESTARTING", "SUCCEEDED", "FAILED", "STOPPED")
@@ -28,9 +31,31 @@ def home() -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    # Readers (status, the watchdog) need whole files, not durability across a power cut, and heartbeats are
+    # rewritten every step: no fsync.
+    atomic_write(path, json.dumps(data, indent=1, default=str), fsync=False)
+
+
+def append_jsonl(path: Path, record: Any) -> None:
+    """One line, written with one call and flushed: a reader never sees half a record of a live writer."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -55,6 +80,7 @@ class JobDir:
     workers = property(lambda self: self.path / "workers")
     stop_file = property(lambda self: self.path / "stop")
     fatal_file = property(lambda self: self.path / "fatal.json")  # a rank's reason to end the job without a restart
+    hangs_file = property(lambda self: self.path / "hangs.jsonl")  # the watchdog's kills, one JSON object a line
 
     def create(self) -> None:
         for d in (self.path, self.logs, self.workers, self.checkpoints):

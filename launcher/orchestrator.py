@@ -16,7 +16,7 @@ from launcher.jobs import TERMINAL, JobDir, read_json, write_json_atomic
 from launcher.spec import JobSpec, dump_spec
 from launcher.watchdog import Watchdog
 
-log = logging.getLogger("lmforge.driver")
+log = logging.getLogger("lmforge." + __name__)
 
 
 def resolve_shards(spec: JobSpec) -> Path:

@@ -13,7 +13,7 @@ from typing import Any
 
 from launcher.errors import UserError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmforge." + __name__)
 
 
 def resolve_uri(uri: str | None, output_dir: Path) -> str:

@@ -4,6 +4,8 @@ A rank that stops making progress (SIGSTOP, a deadlocked collective, a stuck fil
 raises; its heartbeat file (`workers/rank<R>.json`, rewritten every step) just ages. Past
 `fault.hang_timeout_s` the watchdog kills that process; its peers then fail their collectives,
 Ray Train tears the group down and starts a new one from the newest good checkpoint.
+Each kill is recorded in `hangs.jsonl` (the rank's last report, with `checked_at`, the time the watchdog found it
+silent, and `killed_at`, the time of the kill), so how fast a hang was caught reads from the system's own clocks.
 It also keeps `state.json` between RUNNING and RESTARTING as worker groups come and go.
 """
 from __future__ import annotations
@@ -15,9 +17,9 @@ import socket
 import threading
 import time
 
-from launcher.jobs import JobDir, pid_alive, read_json
+from launcher.jobs import JobDir, append_jsonl, pid_alive, read_json
 
-log = logging.getLogger("lmforge.watchdog")
+log = logging.getLogger("lmforge." + __name__)
 
 
 def wrote_report(report: dict) -> bool:
@@ -36,6 +38,7 @@ class Watchdog:
         self.job, self.timeout = job, hang_timeout_s
         self.poll = poll_s if poll_s is not None else min(5.0, max(0.5, hang_timeout_s / 10))
         self.kills: list[dict] = []
+        self._killed: set[tuple[int, float]] = set()  # (pid, heartbeat) of reports already acted on
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmforge-watchdog", daemon=True)
         self._host = socket.gethostname()
@@ -64,14 +67,24 @@ class Watchdog:
                 self.job.update_state(state="RUNNING")
             now = time.time()
             for r in reports:
-                if now - r["heartbeat"] > self.timeout and r["host"] == self._host and wrote_report(r):
-                    self._kill(r, now - r["heartbeat"])
+                if (now - r["heartbeat"] > self.timeout and r["host"] == self._host
+                        and (r["pid"], r["heartbeat"]) not in self._killed and wrote_report(r)):
+                    self._kill(r, now)
 
-    def _kill(self, report: dict, silent_s: float) -> None:
+    def _kill(self, report: dict, checked_at: float) -> None:
+        silent_s = checked_at - report["heartbeat"]
         log.warning("rank %d (pid %d) sent no heartbeat for %.0f s > fault.hang_timeout_s=%.0f: killing it",
                     report["rank"], report["pid"], silent_s, self.timeout)
         try:
             os.kill(report["pid"], signal.SIGKILL)  # also ends a SIGSTOPped process
         except ProcessLookupError:
             return
-        self.kills.append({**report, "silent_s": silent_s, "killed_at": time.time()})
+        # Killed once: a killed process lingers as a zombie until its parent reaps it, still "alive" to psutil.
+        self._killed.add((report["pid"], report["heartbeat"]))
+        record = {**report, "silent_s": silent_s, "checked_at": checked_at, "killed_at": time.time(),
+                  "hang_timeout_s": self.timeout, "poll_s": self.poll}
+        self.kills.append(record)
+        try:
+            append_jsonl(self.job.hangs_file, record)
+        except OSError as e:  # a full disk must not stop the watchdog from killing hung ranks
+            log.warning("could not record the kill in %s: %s", self.job.hangs_file, e)

@@ -104,10 +104,13 @@ def train_loop(config: dict[str, Any]) -> None:
     cp_rank = topo.coords(rank)["cp"]  # ...and ranks of one CP group each take a contiguous slice of them
     if manifest.vocab_size % p.tp:
         raise ValueError(f"the tokenizer's vocabulary ({manifest.vocab_size}) is not divisible by parallel.tp={p.tp}")
-    torch.manual_seed(t.seed)  # every rank builds identical full-size weights
+    torch.manual_seed(t.seed)  # torch's RNG starts in the same state on every rank (the weights have their own)
     cfg = model_config(spec, vocab_size=manifest.vocab_size)
-    # Built and sliced in host memory, then moved: a rank's device holds only its TP shard and pipeline stage.
-    model, loss_fn = parallelize(models.build(cfg), cfg.arch, groups, sequence_parallel=p.sequence_parallel,
+    # Built on the meta device and sharded there; only this rank's TP shard of its pipeline stage is then
+    # materialised in host memory (each weight a function of the seed and its name) and moved to the device.
+    with torch.device("meta"):
+        meta = models.build(cfg)
+    model, loss_fn = parallelize(meta, cfg.arch, groups, seed=t.seed, sequence_parallel=p.sequence_parallel,
                                  partition=p.pipeline_partition, activation_checkpointing=t.activation_checkpointing)
     model = model.to(device)
     engine = build_engine(

@@ -20,6 +20,7 @@ from kernels.moe.dispatch import MOE_BACKENDS, primitive_backend
 from models.config import positive_ints
 from models.layers.sigma_moe import SigmaMoE
 from models.layers.switch_head import SwitchHeadAttention
+from models.init import Fill, init_module, norm_rules, normal, prefixed, torch_linear
 from models.registry import ModelSpec, PipeBlock, register
 
 GROUP_ORDERS = ("abab", "aabb")
@@ -107,11 +108,9 @@ class MoEUTLayer(nn.Module):
         self.ffn = SigmaMoE(cfg.d_model, cfg.n_experts, cfg.expert_size, cfg.top_k, cfg.moe_block, cfg.moe_backend,
                             layer_index=index)
 
-    def init_weights(self, scale: float) -> None:
-        for norm in (self.attn_norm, self.ffn_norm):
-            norm.reset_parameters()
-        self.attn.init_weights(scale)
-        self.ffn.init_weights(scale)
+    def init_rules(self, scale: float) -> dict[str, Fill]:
+        return (prefixed("attn_norm", norm_rules(self.attn_norm)) | prefixed("attn", self.attn.init_rules(scale))
+                | prefixed("ffn_norm", norm_rules(self.ffn_norm)) | prefixed("ffn", self.ffn.init_rules(scale)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Peri-LN: the norms feed only Q, K and the routers; values, experts and the residual see raw x.
@@ -140,15 +139,18 @@ class MoEUT(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
         self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """The paper's initialisation (§1.5), from the current RNG in a fixed order."""
+    def init_rules(self) -> dict[str, Fill]:
+        """The paper's initialisation (§1.5) by canonical name (models/init.py); the head keeps nn.Linear's default."""
         scale = math.sqrt(2 / self.cfg.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, std=1 / math.sqrt(self.cfg.d_model))
-        for layer in self.layers:
-            layer.init_weights(scale)
-        self.norm.reset_parameters()
-        self.output.reset_parameters()
+        rules = {"tok_embeddings.weight": normal(1 / math.sqrt(self.cfg.d_model))}
+        for i, layer in enumerate(self.layers):
+            rules |= prefixed(f"layers.{i}", layer.init_rules(scale))
+        head = torch_linear(self.cfg.d_model)
+        return rules | prefixed("norm", norm_rules(self.norm)) | {"output.weight": head, "output.bias": head}
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialise every weight (and rope table): from `seed`, or one drawn from torch's RNG."""
+        init_module(self, self.init_rules(), seed)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, T] -> logits [B, T, vocab]; in training mode (logits, aux) (see the module doc)."""

@@ -1,9 +1,10 @@
 """One registration per architecture: the only door `parallel/` and `launcher/` use.
 
-A model class in the registry follows one protocol: `model_cls(cfg)` builds it and
-`model.init_weights()` (re)initialises every parameter and non-persistent buffer from the
-current torch RNG. `build()` relies on it to construct on the meta device, materialise, and
-initialise once, so every rank and layout starts from identical full-size weights.
+A model class in the registry follows one protocol: `model_cls(cfg)` builds it,
+`model.init_rules()` names each parameter's initial value (models/init.py) and
+`model.init_weights(seed)` applies them (and recomputes derived buffers). `build()` relies on it to
+construct on the meta device, materialise and initialise once; `parallel/` materialises only a
+rank's shard from the same rules, so every rank and layout starts from identical weights.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from models.init import Fill, norm_rules, normal, prefixed
 
 
 @dataclass
@@ -41,6 +44,18 @@ def lm_pipeline_blocks(model: nn.Module) -> list[PipeBlock]:
     else:
         embed, head = PipeBlock(model.tok_embeddings), PipeBlock(model.output)
     return [embed, *(PipeBlock(layer, layer=True) for layer in model.layers), PipeBlock(model.norm), head]
+
+
+def lm_init_rules(model: nn.Module, layer_rules: Callable[[nn.Module], dict[str, Fill]], std: float) -> dict[str, Fill]:
+    """Init rules of a decoder LM laid out as `lm_pipeline_blocks` expects: embedding and head N(0, std)
+    (the head not at all when tied), each layer's own rules, the final norm's gain 1."""
+    rules = {"tok_embeddings.weight": normal(std)}
+    for i, layer in enumerate(model.layers):
+        rules |= prefixed(f"layers.{i}", layer_rules(layer))
+    rules |= prefixed("norm", norm_rules(model.norm))
+    if not model.cfg.tie_embeddings:
+        rules["output.weight"] = normal(std)
+    return rules
 
 
 @dataclass(frozen=True)
@@ -133,15 +148,15 @@ def make_config(arch: str, preset: str, **overrides: Any) -> Any:
     return spec.config_cls(**{**spec.presets[preset], **overrides})
 
 
-def build(cfg: Any) -> nn.Module:
-    """Build the model for `cfg` on the current default device, initialised from the current RNG.
+def build(cfg: Any, seed: int | None = None) -> nn.Module:
+    """Build the model for `cfg` on the current default device, initialised from `seed` (None: a seed
+    drawn from torch's RNG, so `torch.manual_seed(s); build(cfg)` picks the weights).
 
-    The module is always constructed on the meta device and initialised once by
-    `init_weights()` after materialising, so `build(cfg)` under a seed gives exactly the
-    weights of `with torch.device("meta"): m = build(cfg)` + `m.to_empty(device=...)` +
-    `m.init_weights()` under the same seed (constructing `model_cls(cfg)` directly does not:
-    torch's layer constructors draw from the RNG first). Under `torch.device("meta")` the
-    meta model is returned as is, for shapes and parameter counts.
+    The module is constructed on the meta device, materialised, and initialised once by
+    `init_weights(seed)`: every parameter is a function of (seed, canonical name, full shape)
+    (models/init.py), so a rank that materialises only its shard (`parallel/materialize.py`) holds
+    exactly these weights. Under `torch.device("meta")` the meta model is returned as is, for
+    shapes, parameter counts and sharding before materialising.
     """
     arch = getattr(cfg, "arch", None)
     spec = get_spec(arch) if isinstance(arch, str) else None
@@ -153,5 +168,5 @@ def build(cfg: Any) -> nn.Module:
     if target.type == "meta":
         return model
     model.to_empty(device=target)
-    model.init_weights()
+    model.init_weights(seed)
     return model

@@ -12,7 +12,8 @@ from models.config import positive_ints, round_up
 from models.layers.attention import Attention
 from models.layers.mlp import SwiGLU
 from models.layers.norm import RMSNorm
-from models.registry import ModelSpec, lm_pipeline_blocks, register
+from models.init import Fill, init_module, norm_rules, prefixed
+from models.registry import ModelSpec, lm_init_rules, lm_pipeline_blocks, register
 
 
 @dataclass
@@ -70,11 +71,9 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def init_weights(self, init_std: float, out_std: float) -> None:
-        self.attn_norm.reset_parameters()
-        self.attn.init_weights(init_std, out_std)
-        self.mlp_norm.reset_parameters()
-        self.mlp.init_weights(init_std, out_std)
+    def init_rules(self, init_std: float, out_std: float) -> dict[str, Fill]:
+        return (prefixed("attn_norm", norm_rules(self.attn_norm)) | prefixed("attn", self.attn.init_rules(init_std, out_std))
+                | prefixed("mlp_norm", norm_rules(self.mlp_norm)) | prefixed("mlp", self.mlp.init_rules(init_std, out_std)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))
@@ -91,21 +90,18 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise all weights and rope tables from the current RNG, in a fixed order."""
+    def init_rules(self) -> dict[str, Fill]:
+        """Each parameter's initial value by canonical name (models/init.py)."""
         std = self.cfg.init_std
         # Residual-branch outputs are scaled down so the residual stream's variance stays O(1) in depth (GPT-2).
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
-        for layer in self.layers:
-            layer.init_weights(std, out_std)
-        self.norm.reset_parameters()
-        if self.cfg.tie_embeddings:
-            # to_empty() replaces each module's parameters separately, which unties them: tie again here.
+        return lm_init_rules(self, lambda layer: layer.init_rules(std, out_std), std)
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialise all weights and rope tables: from `seed`, or one drawn from torch's RNG."""
+        if self.cfg.tie_embeddings:  # to_empty() replaces each module's parameters separately: tie again
             self.output.weight = self.tok_embeddings.weight
-        else:
-            nn.init.normal_(self.output.weight, std=std)
+        init_module(self, self.init_rules(), seed)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: LongTensor [B, T] -> logits [B, T, vocab_size] in the compute dtype."""

@@ -6,7 +6,6 @@ valid manifest is never loaded. The directories must be on storage every rank ca
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +18,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+from kernels.fileio import atomic_write, file_sha256
+
+log = logging.getLogger("lmforge." + __name__)
 
 MANIFEST = "manifest.json"
 
@@ -33,28 +34,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -185,16 +169,16 @@ def _publish(tmp: Path, final: Path, root: Path, manifest: dict[str, Any]) -> No
     """Manifest last inside the directory, then the rename, then `latest`: a crash at any point
     leaves either the old set of checkpoints or the new one, never a half-written one that loads."""
     _fsync_tree(tmp)
-    files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(tmp.rglob("*")) if p.is_file()}
-    _write_atomic(tmp / MANIFEST, json.dumps({**manifest, "files": files}, indent=1))
+    atomic_write(tmp / MANIFEST, json.dumps({**manifest, "files": files}, indent=1))
     trash = root / f".trash-{final.name}"
     if final.exists():  # the same step written again after a restart: the new one replaces it
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(final, trash)
     os.replace(tmp, final)
     _fsync_dir(root)
-    _write_atomic(root / "latest", final.name)
+    atomic_write(root / "latest", final.name)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -238,7 +222,7 @@ def verify(path: Path) -> str | None:
             return f"missing file {rel}"
         if p.stat().st_size != info["bytes"]:
             return f"size mismatch in {rel}"
-        if _sha256(p) != info["sha256"]:
+        if file_sha256(p) != info["sha256"]:
             return f"checksum mismatch in {rel}"
     return None
 

@@ -16,7 +16,7 @@ from parallel.pipeline import is_pipeline
 from parallel.schedule import warmup_cosine
 from parallel.topology import ProcessGroups
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmforge." + __name__)
 
 
 @dataclass

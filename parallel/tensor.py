@@ -113,6 +113,7 @@ def mark_sequence_parallel(p: nn.Parameter, group) -> nn.Parameter:  # noqa: ANN
         return grad
     p.register_hook(hook)
     p.sequence_parallel = True
+    p.sequence_parallel_group = group  # a parameter materialised later gets the same hook again (materialize.py)
     return p
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.init import Fill, init_module, normal
 from models.layers.rope import RotaryEmbedding
 
 
@@ -21,14 +22,15 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
-        # One table per layer (~1 MB at 2048x128) keeps every block self-contained for pipeline stages.
+        # One float64 table per layer (~2 MB at 2048x128) keeps every block self-contained for pipeline stages.
         self.rope = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
 
+    def init_rules(self, init_std: float, out_std: float) -> dict[str, Fill]:
+        return {"wq.weight": normal(init_std), "wk.weight": normal(init_std), "wv.weight": normal(init_std),
+                "wo.weight": normal(out_std)}
+
     def init_weights(self, init_std: float, out_std: float) -> None:
-        for w in (self.wq, self.wk, self.wv):
-            nn.init.normal_(w.weight, std=init_std)
-        nn.init.normal_(self.wo.weight, std=out_std)
-        self.rope.reset_parameters()
+        init_module(self, self.init_rules(init_std, out_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Heads and sequence length come from the projections' outputs, not from x: under tensor

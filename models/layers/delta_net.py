@@ -15,6 +15,7 @@ from torch import nn
 
 from kernels.delta_rule import chunk_delta_rule, delta_rule_recurrent
 from models.contract import Inputs, SequenceCore
+from models.init import Fill, init_module, norm_rules, normal, prefixed, then, uniform
 from models.layers.norm import RMSNorm, upcast
 from models.layers.short_conv import ShortConv
 
@@ -48,9 +49,8 @@ class DeltaRuleCore(SequenceCore):
         self.k_conv = ShortConv(key_dim, conv_width)
         self.v_conv = ShortConv(value_dim, conv_width)
 
-    def reset_parameters(self) -> None:
-        for conv in (self.q_conv, self.k_conv, self.v_conv):
-            conv.reset_parameters()
+    def init_rules(self) -> dict[str, Fill]:
+        return {k: v for name in ("q_conv", "k_conv", "v_conv") for k, v in prefixed(name, self.get_submodule(name).init_rules()).items()}
 
     def _run(self, **kw) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: ANN003
         return chunk_delta_rule(**kw, chunk_size=self.chunk_size, backend=self.backend)
@@ -114,14 +114,15 @@ class DecayGate(nn.Module):
         super().__init__()
         self.A_log = nn.Parameter(torch.empty(n_heads))
         self.dt_bias = nn.Parameter(torch.empty(n_heads))
-        self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
+    @staticmethod
+    def _dt_bias(t: torch.Tensor, g: torch.Generator) -> None:
+        dt = torch.exp(t.uniform_(math.log(1e-3), math.log(1e-1), generator=g))
+        t.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+
+    def init_rules(self) -> dict[str, Fill]:
         # A ~ U(1, 16), dt ~ log-uniform in [1e-3, 1e-1] (Mamba2 / GDN): a spread of memory lengths across heads.
-        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
-        dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)))
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+        return {"A_log": then(uniform(1, 16), torch.Tensor.log_), "dt_bias": self._dt_bias}
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         a = upcast(a)
@@ -146,15 +147,16 @@ class DeltaNetMixer(nn.Module):
         self.g_proj = nn.Linear(dim, inner, bias=False) if output_gate else None
         self.o_proj = nn.Linear(inner, dim, bias=False)
 
-    def init_weights(self, init_std: float, out_std: float) -> None:
-        for w in (self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.a_proj, self.g_proj):
-            if w is not None:
-                nn.init.normal_(w.weight, std=init_std)
+    def init_rules(self, init_std: float, out_std: float) -> dict[str, Fill]:
+        rules = {f"{n}.weight": normal(init_std) for n in ("q_proj", "k_proj", "v_proj", "b_proj", "a_proj", "g_proj")
+                 if getattr(self, n) is not None}
         if self.decay is not None:
-            self.decay.reset_parameters()
-        self.core.reset_parameters()
-        self.o_norm.reset_parameters()
-        nn.init.normal_(self.o_proj.weight, std=out_std)
+            rules |= prefixed("decay", self.decay.init_rules())
+        return rules | prefixed("core", self.core.init_rules()) | prefixed("o_norm", norm_rules(self.o_norm)) | \
+            {"o_proj.weight": normal(out_std)}
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        init_module(self, self.init_rules(init_std, out_std))
 
     def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         beta = torch.sigmoid(upcast(self.b_proj(x)))

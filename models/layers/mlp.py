@@ -2,6 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.init import Fill, init_module, normal
+
 
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -10,10 +12,11 @@ class SwiGLU(nn.Module):
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
 
+    def init_rules(self, init_std: float, out_std: float) -> dict[str, Fill]:
+        return {"w_gate.weight": normal(init_std), "w_up.weight": normal(init_std), "w_down.weight": normal(out_std)}
+
     def init_weights(self, init_std: float, out_std: float) -> None:
-        nn.init.normal_(self.w_gate.weight, std=init_std)
-        nn.init.normal_(self.w_up.weight, std=init_std)
-        nn.init.normal_(self.w_down.weight, std=out_std)
+        init_module(self, self.init_rules(init_std, out_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))

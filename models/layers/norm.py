@@ -16,7 +16,8 @@ class RMSNorm(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        if not self.weight.is_meta:
+            nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # bf16/fp16 mean-of-squares loses precision over wide rows: normalise in fp32, cast back.

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from models.init import Fill, init_module, uniform
+
 
 class ShortConv(nn.Module):
     def __init__(self, channels: int, width: int = 4):
@@ -21,9 +23,12 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, width))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def init_rules(self) -> dict[str, Fill]:
         bound = 1 / math.sqrt(self.width)  # nn.Conv1d's default for a depthwise kernel (fan_in = W)
-        nn.init.uniform_(self.weight, -bound, bound)
+        return {"weight": uniform(-bound, bound)}
+
+    def reset_parameters(self) -> None:
+        init_module(self, self.init_rules())
 
     def forward(self, x: torch.Tensor, seq_ids: torch.Tensor | None = None, left: torch.Tensor | None = None,
                 left_ids: torch.Tensor | None = None) -> torch.Tensor:

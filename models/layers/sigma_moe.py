@@ -12,6 +12,7 @@ from torch import nn
 
 from kernels.moe import expert_mlp
 from kernels.moe.dispatch import primitive_backend
+from models.init import Fill, init_module, normal, then
 from models.layers.norm import upcast
 
 
@@ -58,14 +59,14 @@ class SigmaMoE(nn.Module):
         self.experts = ExpertMLPs(num_experts, dim, expert_size, block, backend)
         self.load: torch.Tensor | None = None  # assignments per expert in training since last read (for metrics)
 
-    @torch.no_grad()
-    def init_weights(self, scale: float) -> None:
+    def init_rules(self, scale: float) -> dict[str, Fill]:
         """scale = √(2 / total depth); spec §1.5."""
         E, d, es = self.experts.keys.shape
-        nn.init.normal_(self.router, std=scale / math.sqrt(d))
-        renorm_keep_std(self.router)
-        nn.init.normal_(self.experts.keys, std=scale / math.sqrt(d))
-        nn.init.normal_(self.experts.values, std=scale / math.sqrt(E * es))
+        return {"router": then(normal(scale / math.sqrt(d)), renorm_keep_std),
+                "experts.keys": normal(scale / math.sqrt(d)), "experts.values": normal(scale / math.sqrt(E * es))}
+
+    def init_weights(self, scale: float) -> None:
+        init_module(self, self.init_rules(scale))
 
     def forward(self, x: torch.Tensor, sel_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x, sel_input [B, T, d] -> (output [B, T, d], per-sequence mean router softmax [B, E] in fp32).

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.moe import expert_mlp
+from models.init import Fill, init_module, normal, then
 from models.layers.norm import upcast
 from models.layers.rope import RotaryEmbedding
-from models.layers.sigma_moe import renorm_keep_std
 
 
 def renorm_rows(w: torch.Tensor) -> None:
@@ -42,20 +42,21 @@ class SwitchHeadAttention(nn.Module):
         self.n_rotate = head_dim // 2 - (head_dim // 2) % 2
         self.rope = RotaryEmbedding(self.n_rotate, max_seq_len, rope_theta) if self.n_rotate else None
 
-    @torch.no_grad()
-    def init_weights(self, scale: float) -> None:
+    def init_rules(self, scale: float) -> dict[str, Fill]:
+        """scale = √(2 / total depth); spec §1.5. Shapes are the full ones: rules are made before any sharding."""
         d = self.wq.in_features
-        for w in (self.wq.weight, self.wk.weight):
-            nn.init.normal_(w, std=scale / math.sqrt(d))
-        nn.init.normal_(self.w_v, std=scale / math.sqrt(d))
-        n_heads = self.w_o.shape[0] // self.n_experts  # global here: init runs before any sharding
-        nn.init.normal_(self.w_o, std=scale / math.sqrt(n_heads * self.head_dim))
-        for r in (self.router_v, self.router_o):
-            if r is not None:
-                nn.init.normal_(r, std=scale / math.sqrt(d))
-                (renorm_rows if self.n_experts > 1 else renorm_keep_std)(r)
-        if self.rope is not None:
-            self.rope.reset_parameters()
+        n_heads = self.w_o.shape[0] // self.n_experts
+        rules = {"wq.weight": normal(scale / math.sqrt(d)), "wk.weight": normal(scale / math.sqrt(d)),
+                 "w_v": normal(scale / math.sqrt(d)), "w_o": normal(scale / math.sqrt(n_heads * self.head_dim))}
+        for name in ("router_v", "router_o"):
+            if getattr(self, name) is not None:
+                # spec §1.5: the per-row renorm for sel_v and sel_o whatever NA (with NA = 1, sel_o still
+                # gates each head), not σ-MoE's equal-norm renorm_keep_std.
+                rules[name] = then(normal(scale / math.sqrt(d)), renorm_rows)
+        return rules
+
+    def init_weights(self, scale: float) -> None:
+        init_module(self, self.init_rules(scale))
 
     def _rotate(self, t: torch.Tensor) -> torch.Tensor:
         if self.rope is None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import models
 from models.layers.sigma_moe import SigmaMoE
-from models.layers.switch_head import SwitchHeadAttention
+from models.layers.switch_head import SwitchHeadAttention, renorm_rows
 from models.moeut import entropy_regularizer, expert_load_metrics, macs_per_token, num_params
 
 # spec §1.6: (params in M, MoEUT MACs/token in M), rounded to 0.1M as the spec prints them
@@ -89,6 +89,33 @@ def test_switchhead_equals_dense_all_experts_float64(n_experts):
     q = torch.randn(1, T, H, dh, dtype=torch.float64)
     torch.testing.assert_close(att._rotate(q)[..., 4:], q[..., 4:])  # the second half is not rotated
     assert not torch.allclose(att._rotate(q)[:, 1:, :, :4], q[:, 1:, :, :4])
+
+
+def test_renorm_rows_is_the_spec_formula():
+    """spec §1.5: row_i ← (row_i/‖row_i‖)·std(row_i)/s, s = std of the row-normalised matrix."""
+    w = torch.randn(6, 10, dtype=torch.float64) * torch.linspace(0.5, 3.0, 6, dtype=torch.float64)[:, None]
+    unit = w / w.norm(dim=-1, keepdim=True)
+    expected = unit * w.std(dim=-1, keepdim=True) / unit.std()
+    renorm_rows(w)
+    torch.testing.assert_close(w, expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("n_experts", [1, 4])
+def test_switchhead_routers_keep_each_rows_own_scale(n_experts):
+    """sel_v and sel_o get renorm_rows for every NA, NA = 1 included (spec §1.5): each row keeps its own std,
+    so row norms (= std(row_i)/s) differ from row to row like the std of d normals, ~1/√(2d) ≈ 9% at d = 64.
+    σ-MoE's renorm_keep_std instead makes every norm equal (to rounding)."""
+    torch.manual_seed(4)
+    d, H, dh, scale = 64, 8, 16, 0.5
+    att = SwitchHeadAttention(d, H, dh, n_experts, 2, 32, 10000.0).double()
+    att.init_weights(scale)
+    routers = [att.router_o] + ([att.router_v] if n_experts > 1 else [])
+    assert len(routers) == (2 if n_experts > 1 else 1)
+    for r in routers:
+        norms = r.norm(dim=-1)
+        assert (norms.std() / norms.mean()).item() > 0.02, "router rows all have the same norm"
+        # std(row_i) ≈ scale/√d and s ≈ 1/√d, so ‖row_i‖ ≈ scale on average.
+        assert abs(norms.mean().item() / scale - 1) < 0.1
 
 
 def _tiny(**kw) -> models.moeut.MoEUTConfig:

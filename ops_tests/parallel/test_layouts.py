@@ -9,7 +9,7 @@ import torch
 from compare import assert_state_close
 from spawn_ranks import spawn_ranks
 
-STEPS, GLOBAL, MICRO, SEQ, VOCAB = 5, 8, 2, 16, 128
+STEPS, GLOBAL, MICRO, SEQ, VOCAB, SEED = 5, 8, 2, 16, 128, 0
 EPS = 1e-4  # Adam's g/(sqrt(v)+eps) turns reduction-order noise on near-zero gradients into O(1) update
 # differences at eps 1e-8; 1e-4 keeps layouts ~20x inside the tolerance while training still moves every weight
 
@@ -89,10 +89,14 @@ def _train(rank: int, world: int, variant: str, layout: dict) -> dict:
     topo = Topology(tp=tp, dp=dp, pp=pp, cp=cp, ep=ep)
     assert topo.world == world
     groups = build_groups(topo, rank)
-    torch.manual_seed(0)
-    model = models.build(models.make_config(arch, "tiny", vocab_size=VOCAB, max_seq_len=SEQ, **overrides))
-    module, loss_fn = parallelize(model, arch, groups, sequence_parallel=layout.get("sp", False),
-                            activation_checkpointing=layout.get("ckpt", False))
+    cfg = models.make_config(arch, "tiny", vocab_size=VOCAB, max_seq_len=SEQ, **overrides)
+    if world == 1:  # the reference: one process builds the whole model with real tensors
+        model = models.build(cfg, seed=SEED)
+    else:  # a layout: meta model, sharded, and only this rank's part materialised (layout-free init)
+        with torch.device("meta"):
+            model = models.build(cfg)
+    module, loss_fn = parallelize(model, arch, groups, seed=SEED, sequence_parallel=layout.get("sp", False),
+                                  activation_checkpointing=layout.get("ckpt", False))
     micro = MICRO if world > 1 else GLOBAL
     accum = GLOBAL // dp // micro
     engine = build_engine(module, EngineConfig(micro_batch=micro, grad_accum=accum, dp=dp, zero=zero, lr=1e-2, eps=EPS,

@@ -6,6 +6,7 @@ import torch
 from kernels.backend import pick_backend
 from kernels.delta_rule.torch_impl import chunk_delta_rule_torch
 
+
 def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
                      g: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
                      output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
