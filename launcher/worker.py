@@ -170,9 +170,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 micro = samples.split(micro)
             if p.cp > 1:
                 micro = [context_slice(b, cp_rank, p.cp) for b in micro]
-            aux_values = getattr(loss_fn, "aux_values", [])
-            aux_values.clear()
             res = train_step(engine, micro, device, loss_fn)
+            aux_values = loss_fn.take_aux_terms()
             stream.advance_step()
             dt = time.perf_counter() - t0
             tokens_per_s = d.global_batch * d.seq_len / dt

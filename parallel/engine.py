@@ -14,6 +14,7 @@ from parallel.mpu import MPU
 from parallel.optimizer import FiniteAdamW
 from parallel.pipeline import is_pipeline
 from parallel.schedule import warmup_cosine
+from parallel.step import ModelLoss
 from parallel.topology import ProcessGroups
 
 log = logging.getLogger("lmforge." + __name__)
@@ -96,8 +97,8 @@ def build_engine(model: nn.Module, cfg: EngineConfig, groups: ProcessGroups | No
     topo = groups.topology if groups is not None else None
     if topo is not None:
         cfg = dataclasses.replace(cfg, cp=topo.cp)
-    if getattr(model, "carries_aux", False):
-        cfg = dataclasses.replace(cfg, whole_activations=True)
+    if is_pipeline(model) and isinstance(model.loss_fn, ModelLoss) and model.loss_fn.carries_aux:
+        cfg = dataclasses.replace(cfg, whole_activations=True)  # DeepSpeed's partitioned sends carry one gradient
     if is_pipeline(model) and cfg.zero > 1:
         raise ValueError(f"pipeline parallelism allows ZeRO stage 0 or 1 (DeepSpeed's pipeline engine), got {cfg.zero}")
     optimizer = FiniteAdamW(

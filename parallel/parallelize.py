@@ -20,7 +20,7 @@ from parallel.context import apply_context_parallel
 from parallel.expert import apply_expert_parallel
 from parallel.materialize import materialize
 from parallel.pipeline import build_pipeline, stage_bounds
-from parallel.step import lm_loss, with_aux_loss
+from parallel.step import ModelLoss, lm_loss
 from parallel.tensor import vocab_parallel_loss
 from parallel.topology import ProcessGroups
 
@@ -73,11 +73,10 @@ def parallelize(model: nn.Module, arch: str, groups: ProcessGroups, *, seed: int
         materialize(model, _kept_modules(model, spec, groups, partition), rules, seed,
                     tp_group=groups["tp"] if topo.tp > 1 else None, ep_group=groups["ep"] if topo.ep > 1 else None)
     aux_loss = functools.partial(spec.aux_loss, model.cfg) if spec.aux_loss is not None else None
-    loss = with_aux_loss(loss_fn, aux_loss)  # one function (and one record of aux terms) for every layout
+    loss = ModelLoss(loss_fn, aux_loss)  # one loss (and one record of aux terms) for every layout
     if topo.pp > 1:
         if spec.pipeline_blocks is None:
             raise ValueError(f"model arch {arch!r} declares no pipeline blocks; pp must be 1")
         model = build_pipeline(model, spec.pipeline_blocks(model), topo, loss, partition=partition,
-                               activation_checkpoint_interval=1 if activation_checkpointing else 0,
-                               aux_loss=aux_loss)
+                               activation_checkpoint_interval=1 if activation_checkpointing else 0)
     return model, loss

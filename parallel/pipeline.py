@@ -19,7 +19,7 @@ from torch import nn
 
 from models.registry import PipeBlock
 from parallel.distributed import skip_cpu_shm_build
-from parallel.step import with_aux_loss
+from parallel.step import ModelLoss
 from parallel.topology import Topology
 
 PARTITION_METHODS = ("parameters", "uniform")
@@ -80,11 +80,10 @@ def _run_tied(fn: Callable | None, held: _Held, inputs):  # noqa: ANN001, ANN202
     return _run(fn, held.block, inputs)
 
 
-def build_pipeline(model: nn.Module, blocks: list[PipeBlock], topology: Topology, loss_fn: Callable, *,
-                   partition: str = "parameters", activation_checkpoint_interval: int = 0,
-                   aux_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
+def build_pipeline(model: nn.Module, blocks: list[PipeBlock], topology: Topology, loss_fn: ModelLoss, *,
+                   partition: str = "parameters", activation_checkpoint_interval: int = 0) -> nn.Module:
     """A `PipelineModule` over `blocks` (which must compute `model`'s forward); collective. The aux that
-    travels with the activations becomes `aux_loss(aux)` on the last stage (default: its sum)."""
+    travels with the activations becomes `loss_fn.aux_loss(aux)` on the last stage."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
@@ -110,10 +109,8 @@ def build_pipeline(model: nn.Module, blocks: list[PipeBlock], topology: Topology
             self._set_bounds(start=bounds[stage], stop=bounds[stage + 1])
 
     checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    pipe = _Pipe(layers, topology=topology.to_deepspeed(), loss_fn=loss_fn if hasattr(loss_fn, "aux_values") else with_aux_loss(loss_fn, aux_loss),
-                 partition_method=partition, activation_checkpoint_interval=activation_checkpoint_interval,
-                 activation_checkpoint_func=checkpoint)
-    pipe.carries_aux = aux_loss is not None  # build_engine then sends activations whole (see engine.py)
+    pipe = _Pipe(layers, topology=topology.to_deepspeed(), loss_fn=loss_fn, partition_method=partition,
+                 activation_checkpoint_interval=activation_checkpoint_interval, activation_checkpoint_func=checkpoint)
     names = {id(p): n for n, p in model.named_parameters()}
     pipe.canonical_names = {n: names[id(p)] for n, p in pipe.named_parameters()}
     return pipe

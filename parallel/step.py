@@ -18,18 +18,40 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def with_aux_loss(loss_fn: LossFn, aux_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable:
-    """A loss over model outputs that may be `(logits, aux)` (training forward of a model with auxiliary
-    terms): loss_fn(logits) + aux_loss(aux), aux.sum() without `aux_loss`. Plain logits: loss_fn alone."""
-    def loss(outputs, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+class ModelLoss:
+    """The loss over a model's declared outputs: logits, or `(logits, aux)` in training when the arch
+    declares `ModelSpec.aux_loss` — then loss_fn(logits) + aux_loss(aux). Records each aux term, which
+    the training loop takes for logging (`take_aux_terms`)."""
+
+    def __init__(self, loss_fn: LossFn, aux_loss: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.loss_fn, self.aux_loss = loss_fn, aux_loss
+        self._terms: list[torch.Tensor] = []
+
+    @property
+    def carries_aux(self) -> bool:
+        """Whether training outputs carry an aux tensor (a pipeline then sends activations whole)."""
+        return self.aux_loss is not None
+
+    def __call__(self, outputs, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         if isinstance(outputs, tuple):
+            if self.aux_loss is None:
+                raise TypeError("the model returned (logits, aux) but its arch declares no aux_loss")
             logits, aux = outputs
-            term = aux.sum() if aux_loss is None else aux_loss(aux)
-            loss.aux_values.append(term.detach())
-            return loss_fn(logits, targets) + term
-        return loss_fn(outputs, targets)
-    loss.aux_values = []  # the aux terms of the calls since the caller last cleared it (for logging)
-    return loss
+            term = self.aux_loss(aux)
+            self._terms.append(term.detach())
+            return self.loss_fn(logits, targets) + term
+        return self.loss_fn(outputs, targets)
+
+    def take_aux_terms(self) -> list[torch.Tensor]:
+        """The aux terms of the calls since the last take (on ranks that compute the loss)."""
+        terms, self._terms = self._terms, []
+        return terms
+
+
+def is_pipeline_engine(engine) -> bool:  # noqa: ANN001
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
 
 
 def split_batch(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +88,7 @@ def train_step(engine, micro_batches: Iterable[torch.Tensor], device: torch.devi
     `skipped` says so; what to do next (`fault.nonfinite`) is the caller's policy.
     """
     skipped_before = engine.skipped_steps
-    if hasattr(engine, "train_batch"):  # DeepSpeed's PipelineEngine runs the whole 1F1B schedule itself
+    if is_pipeline_engine(engine):  # DeepSpeed's PipelineEngine runs the whole 1F1B schedule itself
         pairs = [split_batch(b, device) for b in micro_batches]
         loss = float(engine.train_batch(data_iter=iter(pairs)))  # averaged over micro-batches and dp, on every stage
         return _result(engine, loss, skipped_before)
@@ -101,7 +123,7 @@ def eval_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: t
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         inputs, targets = split_batch(batch, device)
-        if hasattr(model, "eval_batch"):
+        if is_pipeline_engine(model):
             loss = float(model.eval_batch(iter([(inputs, targets)]), num_micro_batches=1))  # shape [1] or []
         else:
             loss = loss_fn(model(inputs), targets).double()

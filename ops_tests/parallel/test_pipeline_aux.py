@@ -43,7 +43,7 @@ def _train(rank: int, world: int) -> dict:
     from models.registry import PipeBlock
     from parallel.engine import EngineConfig, build_engine
     from parallel.pipeline import build_pipeline, canonical_parameters
-    from parallel.step import lm_loss, train_step
+    from parallel.step import ModelLoss, lm_loss, train_step
     from parallel.topology import Topology, build_groups
 
     torch.manual_seed(0)
@@ -52,7 +52,7 @@ def _train(rank: int, world: int) -> dict:
     groups = build_groups(topo, rank)
     if world > 1:
         blocks = [PipeBlock(model.emb), *(PipeBlock(b) for b in model.blocks), PipeBlock(model.head)]
-        module = build_pipeline(model, blocks, topo, lm_loss, partition="uniform")
+        module = build_pipeline(model, blocks, topo, ModelLoss(lm_loss, torch.sum), partition="uniform")
         loss_fn = lm_loss
     else:
         module = model
