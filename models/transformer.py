@@ -79,6 +79,10 @@ class TransformerBlock(nn.Module):
         x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))
 
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        x = x + self.attn.step(self.attn_norm(x), cache)
+        return x + self.mlp(self.mlp_norm(x))
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
@@ -111,6 +115,18 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h)
         return self.output(self.norm(h))
+
+    def new_cache(self) -> list[dict]:
+        return [{} for _ in self.layers]
+
+    def step(self, tokens: torch.Tensor, cache: list[dict]) -> torch.Tensor:
+        """One token per row: tokens [B] -> logits [B, vocab]; `cache` (from `new_cache`) keeps keys and values."""
+        if cache and cache[0].get("pos", 0) >= self.cfg.max_seq_len:
+            raise ValueError(f"generation past max_seq_len={self.cfg.max_seq_len}")
+        h = self.tok_embeddings(tokens[:, None])
+        for layer, c in zip(self.layers, cache):
+            h = layer.step(h, c)
+        return self.output(self.norm(h))[:, 0]
 
 
 def num_params(cfg: TransformerConfig) -> int:
