@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import toy_arch  # noqa: F401  (registers the test-only "toy" arch: it enters through the registry alone)
 from compare import assert_state_close
 from spawn_ranks import spawn_ranks
 
@@ -24,6 +25,8 @@ ARCHS = {
                                          attn_layers=[2])),
     # 8 experts of width 16, top-2; SwitchHead with 4 experts per head; two shared layers applied twice
     "moeut": ("moeut", dict()),
+    # ops_tests/toy_arch.py: its own TP style and context-parallel core, no code in parallel/ or launcher/
+    "toy": ("toy", dict()),
 }
 LAYOUTS = {
     "dp2-zero1": dict(dp=2, zero=1),
@@ -59,7 +62,9 @@ CASES = [("transformer", name) for name in LAYOUTS if name not in CP_LAYOUTS + E
     ("transformer-tied", name) for name in ("tp2", "tp2+sp", "pp2", "tp2xpp2")
 ] + [("deltanet", name) for name in ("tp2", "tp2+sp", "pp2", *CP_LAYOUTS)] + [
     ("deltanet-swa", "tp2"), ("deltanet-global", "tp2"),
-] + [("moeut", name) for name in ("tp2", "tp2xdp2", "pp2", "tp2xpp2", *EP_LAYOUTS)]
+] + [("moeut", name) for name in ("tp2", "tp2xdp2", "pp2", "tp2xpp2", *EP_LAYOUTS)] + [
+    ("toy", name) for name in ("tp2", "pp2", "dp2-zero1", "cp2")
+]
 
 
 def _batches() -> list[torch.Tensor]:
