@@ -12,6 +12,9 @@ every module that held the old one (tied weights stay tied).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -49,6 +52,22 @@ def _local_value(p: torch.Tensor, name: str, rules: dict[str, Fill], seed: int, 
     return local.clone() if cuts else full
 
 
+@functools.cache
+def _malloc_trim():  # noqa: ANN202 - glibc's malloc_trim, or None elsewhere
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed() -> None:
+    """Hand the freed full-size tensor's pages back to the OS: glibc keeps freed chunks below its (growing)
+    mmap threshold in the heap, where holes of one parameter's size would add up over hundreds of them."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _swap(modules: Iterable[nn.Module], old: nn.Parameter, new: nn.Parameter) -> None:
     for m in modules:
         for key, p in m._parameters.items():
@@ -73,6 +92,7 @@ def materialize(model: nn.Module, keep: list[nn.Module], rules: dict[str, Fill],
         if getattr(p, "sequence_parallel_group", None) is not None:
             mark_sequence_parallel(new, p.sequence_parallel_group)
         _swap(every, p, new)
+        _release_freed()
     for k in keep:
         for m in k.modules():
             for key, b in m._buffers.items():
