@@ -274,10 +274,16 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs to stdout (its accelerator warning at import): commands that print JSON keep it pure."""
+    logging.getLogger("DeepSpeed").addFilter(lambda record: False)
+
+
 def cmd_eval(args) -> int:
     from launcher.evaluate import evaluate
 
     _setup_logging(args.debug)
+    _quiet_deepspeed()  # imported to recognise a pipeline engine
     result = evaluate(args.target, max_samples=args.samples)
     print(json.dumps(result, indent=1))
     return 0
@@ -330,8 +336,7 @@ def cmd_plan(args) -> int:
                     partition=p.pipeline_partition, ep=p.ep)
     work = Workload(seq_len=d.seq_len, micro_batch=d.micro_batch, grad_accum=d.global_batch // (d.micro_batch * dp),
                     dtype=resolve_dtype(spec.train.dtype, torch.device("cuda" if cuda else "cpu")))
-    # DeepSpeed (imported for the pipeline's stage bounds) logs to stdout, which --json keeps pure.
-    logging.getLogger("DeepSpeed").addFilter(lambda record: False)
+    _quiet_deepspeed()  # imported for the pipeline's stage bounds
     try:
         plan = make_plan(model_config(spec, vocab_size=d.vocab_size), layout, work, peak_tflops=args.peak_tflops, mfu=args.mfu)
     except LayoutError as e:

@@ -1,6 +1,8 @@
 """The job spec: YAML -> typed dataclasses, with `--set a.b=c` overrides.
 
 Key names here are a public contract (DESIGN.md "Stable names"): add, never rename.
+Each section is a `<Name>Section` dataclass (not `...Spec`: `models.ModelSpec` is an architecture's
+registration, a different thing).
 Cross-field checks live in `launcher/validate.py`.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from launcher.errors import SpecError
 
 
 @dataclass
-class ClusterSpec:
+class ClusterSection:
     workers: int = 2
     address: str | None = None  # None: start an embedded local Ray cluster
     cpus_per_worker: int = 1
@@ -29,7 +31,7 @@ class ClusterSpec:
 
 
 @dataclass
-class ModelSpec:
+class ModelSection:
     arch: str = "transformer"
     preset: str = "tiny"
     # Any further key under `model:` overrides a field of the architecture's config dataclass.
@@ -37,7 +39,7 @@ class ModelSpec:
 
 
 @dataclass
-class ParallelSpec:
+class ParallelSection:
     tp: int = 1
     pp: int = 1
     dp: int | None = None  # None: cluster.workers / (tp * pp * cp)
@@ -49,7 +51,7 @@ class ParallelSpec:
 
 
 @dataclass
-class DataSpec:
+class DataSection:
     shards: str | None = None  # None: a cache directory derived from corpus, vocab_size and seq_len
     corpus: str | None = "builtin"  # builtin | a path | null (shards must already exist)
     tokenizer: str | None = None  # an existing tokenizer.json instead of training one
@@ -64,7 +66,7 @@ class DataSpec:
 
 
 @dataclass
-class OptimSpec:
+class OptimSection:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
@@ -76,7 +78,7 @@ class OptimSpec:
 
 
 @dataclass
-class TrainSpec:
+class TrainSection:
     steps: int = 100
     eval_every: int = 25
     checkpoint_every: int = 50
@@ -89,14 +91,14 @@ class TrainSpec:
 
 
 @dataclass
-class TrackingSpec:
+class TrackingSection:
     uri: str | None = None  # None: sqlite store under train.output_dir
     experiment: str = "lmforge"
     system_metrics: bool = True
 
 
 @dataclass
-class FaultSpec:
+class FaultSection:
     max_restarts: int = 3
     hang_timeout_s: float = 600.0
     nonfinite: str = "skip_step"  # skip_step | stop
@@ -106,14 +108,14 @@ class FaultSpec:
 
 @dataclass
 class JobSpec:
-    cluster: ClusterSpec = field(default_factory=ClusterSpec)
-    model: ModelSpec = field(default_factory=ModelSpec)
-    parallel: ParallelSpec = field(default_factory=ParallelSpec)
-    data: DataSpec = field(default_factory=DataSpec)
-    optim: OptimSpec = field(default_factory=OptimSpec)
-    train: TrainSpec = field(default_factory=TrainSpec)
-    tracking: TrackingSpec = field(default_factory=TrackingSpec)
-    fault: FaultSpec = field(default_factory=FaultSpec)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    fault: FaultSection = field(default_factory=FaultSection)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -186,7 +188,7 @@ def _section_from_dict(cls: type, data: Any, path: str) -> Any:
         raise SpecError(path, f"expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    if cls is ModelSpec:
+    if cls is ModelSection:
         # Unknown keys under model: become architecture overrides, validated against the arch's config.
         known = {k: v for k, v in data.items() if k in ("arch", "preset")}
         extra = {k: v for k, v in data.items() if k not in ("arch", "preset")}

@@ -2,7 +2,8 @@
 
 Order: topology and groups -> model at full size from one seed -> TP/SP, PP -> DeepSpeed engine
 -> data stream at its position (from the newest good checkpoint) -> loop: step, log, evaluate,
-checkpoint.
+checkpoint. `train_loop` runs these as phases that share one `_Run`; every rank calls the same
+collectives in the same order (the phases marked "Collective").
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +33,8 @@ from parallel.context import context_slice
 from parallel.parallelize import parallelize
 from parallel.pipeline import is_pipeline
 from parallel.precision import resolve_dtype
-from parallel.step import eval_loss, train_step
-from parallel.topology import Topology, build_groups
+from parallel.step import ModelLoss, StepResult, eval_loss, train_step
+from parallel.topology import ProcessGroups, Topology, build_groups
 
 log = logging.getLogger("lmforge.worker")
 
@@ -76,19 +79,77 @@ def _count_attempt(job: JobDir) -> tuple[int, int]:
     return record["attempts"] - 1, record.get("restarts_before", 0) + record["attempts"] - 1
 
 
+@dataclass
+class _Run:
+    """What the phases of one attempt share on this rank. `_start_attempt` fills the first block,
+    `_build` the model and data, `_open_tracking` and `_open_data` the rest; the loop advances `step`
+    and sets `fatal`."""
+
+    config: dict[str, Any]  # from the driver: job_dir, spec, shards, tracking_uri, run_id, spec_hash
+    job: JobDir
+    spec: JobSpec
+    rank: int
+    world: int
+    device: torch.device
+    shards: Path
+    vocab_size: int  # the tokenizer's, from the shards' manifest
+    dp: int
+    accum: int  # micro-batches per optimizer step on this rank
+    attempt: int  # index in this driver session (0: the first start)
+    restarts: int  # over the job's life
+    # _build
+    groups: ProcessGroups = field(init=False)
+    dp_rank: int = field(init=False)
+    cp_rank: int = field(init=False)
+    engine: Any = field(init=False)  # a DeepSpeed engine (a PipelineEngine when pp > 1)
+    loss_fn: ModelLoss = field(init=False)
+    stream: TokenStream = field(init=False)
+    flops_per_token: float | None = field(init=False)
+    peak: float | None = field(init=False)
+    model_metrics: Callable[..., dict[str, float]] | None = field(init=False)  # the arch's own step metrics
+    # _open_tracking (rank 0 only) and _open_data
+    logger: tracking.MetricLogger | None = None
+    system: tracking.SystemMetrics | None = None
+    batches: Iterator[Any] = field(init=False)
+    samples: SampleLog | None = None
+    # the loop
+    step: int = 0
+    nonfinite: int = 0  # non-finite steps in this attempt
+    fatal: str | None = None  # set: this run must not go on (`_finish` records why)
+
+    def sum_over_dp(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device).contiguous()
+        dist.all_reduce(t, group=self.groups["dp_cp"])
+        return t.cpu()
+
+
 def train_loop(config: dict[str, Any]) -> None:
+    run = _start_attempt(config)
+    _build(run)
+    _resume(run)
+    _open_tracking(run)
+    _open_data(run)
+    try:
+        while run.step < run.spec.train.steps:
+            if not _train_iteration(run):
+                break
+    finally:
+        _close_tracking(run)
+    _finish(run)
+
+
+def _start_attempt(config: dict[str, Any]) -> _Run:
+    """Logging, device and threads; counts this attempt and, on a restart, backs off before rebuilding."""
     job = JobDir(Path(config["job_dir"]))
     spec: JobSpec = spec_from_dict(config["spec"])
     rank, world = dist.get_rank(), dist.get_world_size()
     _setup_logging(job, rank)
     device = pick_device(spec.cluster.device)
     limit_threads(spec.cluster.torch_threads or spec.cluster.cpus_per_worker)
-    dtype = resolve_dtype(spec.train.dtype, device)
     shards = Path(config["shards"])
     manifest = load_manifest(shards)
     dp = data_parallel_size(spec)
-    d, t = spec.data, spec.train
-    accum = d.global_batch // (d.micro_batch * dp)
+    d = spec.data
     attempt, restarts = _broadcast(_count_attempt(job) if rank == 0 else None)
     if attempt:
         # Back off before rebuilding: a failure with an outside cause (a node, the filesystem) gets time to clear.
@@ -96,145 +157,197 @@ def train_loop(config: dict[str, Any]) -> None:
         log.warning("restart %d of this run: waiting %.1f s before resuming", attempt, wait)
         time.sleep(wait)
     report_worker(job, rank, 0, attempt=attempt)  # alive, still building: the watchdog's clock starts here
+    return _Run(config=config, job=job, spec=spec, rank=rank, world=world, device=device, shards=shards,
+                vocab_size=manifest.vocab_size, dp=dp, accum=d.global_batch // (d.micro_batch * dp),
+                attempt=attempt, restarts=restarts)
 
-    p = spec.parallel
-    topo = Topology(tp=p.tp, pp=p.pp, dp=dp, cp=p.cp, ep=p.ep)
-    groups = build_groups(topo, rank)
-    dp_rank = topo.coords(rank)["dp"]  # ranks of one TP group / pipeline read the same samples
-    cp_rank = topo.coords(rank)["cp"]  # ...and ranks of one CP group each take a contiguous slice of them
-    if manifest.vocab_size % p.tp:
-        raise ValueError(f"the tokenizer's vocabulary ({manifest.vocab_size}) is not divisible by parallel.tp={p.tp}")
+
+def _build(run: _Run) -> None:
+    """Collective: topology and groups, the model (TP/SP, PP) in a DeepSpeed engine, the data stream at
+    position 0, and what the step metrics need from the model and the device."""
+    spec, p, d, t, o = run.spec, run.spec.parallel, run.spec.data, run.spec.train, run.spec.optim
+    topo = Topology(tp=p.tp, pp=p.pp, dp=run.dp, cp=p.cp, ep=p.ep)
+    run.groups = build_groups(topo, run.rank)
+    run.dp_rank = topo.coords(run.rank)["dp"]  # ranks of one TP group / pipeline read the same samples
+    run.cp_rank = topo.coords(run.rank)["cp"]  # ...and ranks of one CP group each take a contiguous slice of them
+    if run.vocab_size % p.tp:
+        raise ValueError(f"the tokenizer's vocabulary ({run.vocab_size}) is not divisible by parallel.tp={p.tp}")
     torch.manual_seed(t.seed)  # torch's RNG starts in the same state on every rank (the weights have their own)
-    cfg = model_config(spec, vocab_size=manifest.vocab_size)
+    cfg = model_config(spec, vocab_size=run.vocab_size)
     # Built on the meta device and sharded there; only this rank's TP shard of its pipeline stage is then
     # materialised in host memory (each weight a function of the seed and its name) and moved to the device.
     with torch.device("meta"):
         meta = models.build(cfg)
-    model, loss_fn = parallelize(meta, cfg.arch, groups, seed=t.seed, sequence_parallel=p.sequence_parallel,
-                                 partition=p.pipeline_partition, activation_checkpointing=t.activation_checkpointing)
-    model = model.to(device)
-    engine = build_engine(
+    model, run.loss_fn = parallelize(meta, cfg.arch, run.groups, seed=t.seed, sequence_parallel=p.sequence_parallel,
+                                     partition=p.pipeline_partition,
+                                     activation_checkpointing=t.activation_checkpointing)
+    model = model.to(run.device)
+    run.engine = build_engine(
         model,
         EngineConfig(
-            micro_batch=d.micro_batch, grad_accum=accum, dp=dp, zero=spec.parallel.zero, lr=spec.optim.lr,
-            weight_decay=spec.optim.weight_decay, beta1=spec.optim.beta1, beta2=spec.optim.beta2, eps=spec.optim.eps,
-            grad_clip=spec.optim.grad_clip, warmup_steps=spec.optim.warmup_steps, total_steps=t.steps,
-            min_lr_ratio=spec.optim.min_lr_ratio, dtype=dtype, sequence_parallel=p.sequence_parallel,
+            micro_batch=d.micro_batch, grad_accum=run.accum, dp=run.dp, zero=p.zero, lr=o.lr,
+            weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+            grad_clip=o.grad_clip, warmup_steps=o.warmup_steps, total_steps=t.steps,
+            min_lr_ratio=o.min_lr_ratio, dtype=resolve_dtype(t.dtype, run.device),
+            sequence_parallel=p.sequence_parallel,
         ),
-        groups,
+        run.groups,
     )
-    stream = TokenStream(shards, seed=t.seed, global_batch=d.global_batch, micro_batch=d.micro_batch, dp_rank=dp_rank,
-                         dp_size=dp)
+    run.stream = TokenStream(run.shards, seed=t.seed, global_batch=d.global_batch, micro_batch=d.micro_batch,
+                             dp_rank=run.dp_rank, dp_size=run.dp)
+    arch = models.get_spec(cfg.arch)
+    run.flops_per_token = arch.flops_per_token(cfg, d.seq_len) if arch.flops_per_token else None
+    run.peak = _peak_flops(run.device)
+    run.model_metrics = arch.step_metrics
 
-    step = 0
-    ckpt = _broadcast(checkpoint.latest_good(job.checkpoints) if rank == 0 else None)
+
+def _resume(run: _Run) -> None:
+    """Collective: the newest good checkpoint (rank 0 picks it) gives the step, the data position and the
+    RNG state; without one, Python's and NumPy's RNGs are seeded per rank."""
+    ckpt = _broadcast(checkpoint.latest_good(run.job.checkpoints) if run.rank == 0 else None)
     if ckpt is not None:
-        client = checkpoint.load(engine, ckpt)
-        stream.load_state_dict(client["data"])
-        step = client["step"]
-        log.info("resumed from %s at step %d", ckpt, step)
+        client = checkpoint.load(run.engine, ckpt)
+        run.stream.load_state_dict(client["data"])
+        run.step = client["step"]
+        log.info("resumed from %s at step %d", ckpt, run.step)
     else:
-        random.seed(t.seed + rank)
-        np.random.seed(t.seed + rank)
+        random.seed(run.spec.train.seed + run.rank)
+        np.random.seed(run.spec.train.seed + run.rank)
 
-    logger = tracking.MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    system = (
-        tracking.SystemMetrics(config["tracking_uri"], config["run_id"])
-        if rank == 0 and spec.tracking.system_metrics else None
-    )
-    if logger:
-        logger.log(step, {"restarts": restarts})
-        tracking.set_tags(config["tracking_uri"], config["run_id"], {"restarts": restarts})
-    meta = {"spec_hash": config["spec_hash"], "world": world, "dp": dp, "run_id": config["run_id"]}
-    fpt = models.get_spec(cfg.arch).flops_per_token
-    model_metrics = models.get_spec(cfg.arch).step_metrics
 
-    def sum_over_dp(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device).contiguous()
-        dist.all_reduce(t, group=groups["dp_cp"])
-        return t.cpu()
+def _open_tracking(run: _Run) -> None:
+    """Rank 0: the MLflow metric logger and system-metrics sampler; records the restart count."""
+    uri, run_id = run.config["tracking_uri"], run.config["run_id"]
+    if run.rank == 0:
+        run.logger = tracking.MetricLogger(uri, run_id)
+        if run.spec.tracking.system_metrics:
+            run.system = tracking.SystemMetrics(uri, run_id)
+    if run.logger:
+        run.logger.log(run.step, {"restarts": run.restarts})
+        tracking.set_tags(uri, run_id, {"restarts": run.restarts})
 
-    flops_per_token = fpt(cfg, d.seq_len) if fpt else None
-    peak = _peak_flops(device)
-    report_worker(job, rank, step, attempt=attempt)
 
-    batches = iter(make_loader(stream, d.num_workers, with_ids=d.record_samples))
-    samples = SampleLog(job, rank) if d.record_samples else None
-    fatal: str | None = None
-    nonfinite = 0
+def _open_data(run: _Run) -> None:
+    """Reports this rank ready at its step; the batch iterator and, with data.record_samples, the sample log."""
+    d = run.spec.data
+    report_worker(run.job, run.rank, run.step, attempt=run.attempt)
+    run.batches = iter(make_loader(run.stream, d.num_workers, with_ids=d.record_samples))
+    run.samples = SampleLog(run.job, run.rank) if d.record_samples else None
+
+
+def _train_iteration(run: _Run) -> bool:
+    """One step: train, evaluate when due, log, then checkpoint when due and agree on stopping.
+    False: leave the loop."""
+    t = run.spec.train
+    res, metrics = _train_step(run)
+    last = run.step + 1 == t.steps
+    if not run.fatal and t.eval_every and ((run.step + 1) % t.eval_every == 0 or last):
+        metrics["val_loss"] = _evaluate(run)
+    if run.logger and (run.step % t.log_every == 0 or last or "val_loss" in metrics or not res.finite):
+        run.logger.log(run.step, metrics)
+    if run.fatal:
+        return False  # no checkpoint from here: the policy says this run must not go on
+    run.step += 1
+    if run.samples:
+        run.samples.commit(run.step, run.attempt)
+    report_worker(run.job, run.rank, run.step, loss=res.loss, attempt=run.attempt)
+    stopped = _stop_requested(run)
+    if last or stopped or (t.checkpoint_every and run.step % t.checkpoint_every == 0):
+        _checkpoint(run, final=last or stopped)
+        if run.fatal:
+            return False
+    if stopped:
+        log.info("stop requested: leaving at step %d", run.step)
+        return False
+    return True
+
+
+def _train_step(run: _Run) -> tuple[StepResult, dict[str, float]]:
+    """One optimizer step over the next global batch, and its metrics. A non-finite loss or gradient
+    is counted; under fault.nonfinite=stop it sets `run.fatal`."""
+    d, p = run.spec.data, run.spec.parallel
+    t0 = time.perf_counter()
+    micro = [next(run.batches) for _ in range(run.accum)]
+    if run.samples:
+        micro = run.samples.split(micro)
+    if p.cp > 1:
+        micro = [context_slice(b, run.cp_rank, p.cp) for b in micro]
+    res = train_step(run.engine, micro, run.device, run.loss_fn)
+    aux_values = run.loss_fn.take_aux_terms()
+    run.stream.advance_step()
+    dt = time.perf_counter() - t0
+    tokens_per_s = d.global_batch * d.seq_len / dt
+    metrics = {"lr": res.lr, "step_time_s": dt, "tokens_per_s": tokens_per_s}
+    if aux_values:  # the model's auxiliary loss term (MoEUT: the entropy regulariser), mean over micro-batches
+        metrics["aux_loss"] = float(torch.stack(aux_values).mean())
+    if run.model_metrics is not None:
+        metrics.update(run.model_metrics(run.engine.module, run.sum_over_dp))
+    if res.finite:
+        metrics.update(loss=res.loss, grad_norm=res.grad_norm)
+    else:
+        run.nonfinite += 1
+        metrics["nonfinite_steps"] = run.nonfinite
+        log.warning("step %d: non-finite loss %s or gradient norm %s; the update was skipped (fault.nonfinite=%s)",
+                    run.step, res.loss, res.grad_norm, run.spec.fault.nonfinite)
+        if run.spec.fault.nonfinite == "stop":
+            good = checkpoint.latest_published(run.job.checkpoints)
+            run.fatal = (f"non-finite loss or gradient at step {run.step} (loss {res.loss}, gradient norm "
+                         f"{res.grad_norm}; fault.nonfinite=stop); newest good checkpoint: {good or 'none'}")
+    if run.peak and run.flops_per_token:
+        metrics["mfu"] = run.flops_per_token * tokens_per_s / (run.peak * run.world)
+    return res, metrics
+
+
+def _evaluate(run: _Run) -> float:
+    """Collective: the validation loss, over this rank's share of data.eval_samples."""
+    d, p = run.spec.data, run.spec.parallel
+    val = val_batches(run.shards, micro_batch=d.micro_batch, dp_rank=run.dp_rank, dp_size=run.dp,
+                      max_samples=d.eval_samples)
+    val = (context_slice(b, run.cp_rank, p.cp) for b in val)
+    model = run.engine if is_pipeline(run.engine.module) else run.engine.module
+    return eval_loss(model, val, run.device, run.loss_fn, dp_group=run.groups["dp_cp"])
+
+
+def _stop_requested(run: _Run) -> bool:
+    """Collective: whether rank 0 found the stop file; every rank gets the same answer."""
+    return _agree(run.rank == 0 and run.job.stop_file.exists(), run.device)
+
+
+def _checkpoint(run: _Run, final: bool) -> None:
+    """Collective: saves this step. A failed write is logged and counted; it sets `run.fatal` under
+    fault.checkpoint_errors=fail, and always when `final` (the last step, or a stop)."""
+    run_id, spec_hash = run.config["run_id"], run.config["spec_hash"]
+    client = {"step": run.step, "data": run.stream.state_dict(), "mlflow_run_id": run_id, "spec_hash": spec_hash}
+    meta = {"spec_hash": spec_hash, "world": run.world, "dp": run.dp, "run_id": run_id}
+    if run.logger:
+        # Metrics up to a checkpoint must be stored before it: a restart re-logs only the steps after it.
+        run.logger.flush()
     try:
-        while step < t.steps:
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(accum)]
-            if samples:
-                micro = samples.split(micro)
-            if p.cp > 1:
-                micro = [context_slice(b, cp_rank, p.cp) for b in micro]
-            res = train_step(engine, micro, device, loss_fn)
-            aux_values = loss_fn.take_aux_terms()
-            stream.advance_step()
-            dt = time.perf_counter() - t0
-            tokens_per_s = d.global_batch * d.seq_len / dt
-            metrics = {"lr": res.lr, "step_time_s": dt, "tokens_per_s": tokens_per_s}
-            if aux_values:  # the model's auxiliary loss term (MoEUT: the entropy regulariser), mean over micro-batches
-                metrics["aux_loss"] = float(torch.stack(aux_values).mean())
-            if model_metrics is not None:
-                metrics.update(model_metrics(engine.module, sum_over_dp))
-            if res.finite:
-                metrics.update(loss=res.loss, grad_norm=res.grad_norm)
-            else:
-                nonfinite += 1
-                metrics["nonfinite_steps"] = nonfinite
-                log.warning("step %d: non-finite loss %s or gradient norm %s; the update was skipped (fault.nonfinite=%s)",
-                            step, res.loss, res.grad_norm, spec.fault.nonfinite)
-                if spec.fault.nonfinite == "stop":
-                    good = checkpoint.latest_published(job.checkpoints)
-                    fatal = (f"non-finite loss or gradient at step {step} (loss {res.loss}, gradient norm "
-                             f"{res.grad_norm}; fault.nonfinite=stop); newest good checkpoint: {good or 'none'}")
-            if peak and flops_per_token:
-                metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world)
-            last = step + 1 == t.steps
-            if not fatal and t.eval_every and ((step + 1) % t.eval_every == 0 or last):
-                val = val_batches(shards, micro_batch=d.micro_batch, dp_rank=dp_rank, dp_size=dp, max_samples=d.eval_samples)
-                val = (context_slice(b, cp_rank, p.cp) for b in val)
-                metrics["val_loss"] = eval_loss(engine if is_pipeline(engine.module) else engine.module, val, device,
-                                                loss_fn, dp_group=groups["dp_cp"])
-            if logger and (step % t.log_every == 0 or last or "val_loss" in metrics or not res.finite):
-                logger.log(step, metrics)
-            if fatal:
-                break  # no checkpoint from here: the policy says this run must not go on
-            step += 1
-            if samples:
-                samples.commit(step, attempt)
-            report_worker(job, rank, step, loss=res.loss, attempt=attempt)
-            stopped = _agree(rank == 0 and job.stop_file.exists(), device)
-            if last or stopped or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                client = {"step": step, "data": stream.state_dict(), "mlflow_run_id": config["run_id"], "spec_hash": config["spec_hash"]}
-                if logger:
-                    # Metrics up to a checkpoint must be stored before it: a restart re-logs only the steps after it.
-                    logger.flush()
-                try:
-                    path = checkpoint.save(engine, job.checkpoints, step, client, meta, keep=t.keep_checkpoints)
-                    log.info("checkpoint %s", path)
-                except checkpoint.CheckpointWriteError as e:
-                    log.error("%s", e)
-                    if logger:
-                        logger.log(step, {"checkpoint_failures": 1})
-                    if spec.fault.checkpoint_errors == "fail" or last or stopped:
-                        fatal = f"{e} (fault.checkpoint_errors={spec.fault.checkpoint_errors})"
-                        break
-            if stopped:
-                log.info("stop requested: leaving at step %d", step)
-                break
-    finally:
-        if logger:
-            logger.flush()
-        if system:
-            system.stop()
-    if fatal:
-        log.error("giving up: %s", fatal)
-        if rank == 0:
-            write_json_atomic(job.fatal_file, {"error": fatal, "step": step, "time": time.time()})
+        path = checkpoint.save(run.engine, run.job.checkpoints, run.step, client, meta,
+                               keep=run.spec.train.keep_checkpoints)
+        log.info("checkpoint %s", path)
+    except checkpoint.CheckpointWriteError as e:
+        log.error("%s", e)
+        if run.logger:
+            run.logger.log(run.step, {"checkpoint_failures": 1})
+        policy = run.spec.fault.checkpoint_errors
+        if policy == "fail" or final:
+            run.fatal = f"{e} (fault.checkpoint_errors={policy})"
+
+
+def _close_tracking(run: _Run) -> None:
+    if run.logger:
+        run.logger.flush()
+    if run.system:
+        run.system.stop()
+
+
+def _finish(run: _Run) -> None:
+    """Records why the run gave up, if it did; then every rank leaves together."""
+    if run.fatal:
+        log.error("giving up: %s", run.fatal)
+        if run.rank == 0:
+            write_json_atomic(run.job.fatal_file, {"error": run.fatal, "step": run.step, "time": time.time()})
     # Every rank leaves together: DeepSpeed's pipeline engine can abort a process that exits while a
     # peer still has point-to-point traffic in flight (Ray Train destroys the group after this returns).
     dist.barrier()
