@@ -259,31 +259,29 @@ def _matching(model: nn.Module, pattern: str | None) -> list[tuple[str, nn.Modul
     return [(n, m) for n, m in model.named_modules() if pattern is not None and fnmatch.fnmatchcase(n, pattern)]
 
 
+def _cores(model: nn.Module, spec: models.ModelSpec, key: str, pattern: str | None, protocol: type,
+           what: str) -> list[tuple[str, nn.Module]]:
+    """The meta model's modules matching `pattern`, each checked to implement `protocol`."""
+    found = _matching(model, pattern)
+    if not found:
+        raise LayoutError(key, f"model arch {spec.name!r} has no module matching its {what} {pattern!r}; allowed: 1")
+    for name, module in found:
+        if not isinstance(module, protocol):
+            raise LayoutError(key, f"{name} ({type(module).__name__}) does not implement the {what} protocol; allowed: 1")
+    return found
+
+
 def check_cores(model: nn.Module, spec: models.ModelSpec, layout: Layout, work: Workload) -> None:
     """The swappable cores of the meta model against the layout: they implement their protocol, and
     their own sizes (halo, expert count) fit."""
     if layout.cp > 1:
-        cores = _matching(model, spec.cp_core)
-        if not cores:
-            raise LayoutError("parallel.cp", f"model arch {spec.name!r} has no module matching its context-parallel "
-                                             f"core {spec.cp_core!r}; allowed: 1")
-        for name, core in cores:
-            if not isinstance(core, ContextParallelCore):
-                raise LayoutError("parallel.cp", f"{name} ({type(core).__name__}) does not implement the "
-                                                 "context-parallel core protocol; allowed: 1")
+        cores = _cores(model, spec, "parallel.cp", spec.cp_core, ContextParallelCore, "context-parallel core")
         halo = max(core.halo for _, core in cores)
         if work.seq_len // layout.cp < halo:
             raise LayoutError("parallel.cp", f"{work.seq_len // layout.cp} tokens per rank (data.seq_len={work.seq_len} / "
                                              f"cp={layout.cp}) is shorter than the context-parallel core's {halo}-token halo")
     if layout.ep > 1:
-        banks = _matching(model, spec.expert_bank)
-        if not banks:
-            raise LayoutError("parallel.ep", f"model arch {spec.name!r} has no module matching its expert bank "
-                                             f"{spec.expert_bank!r}; allowed: 1")
-        for name, bank in banks:
-            if not isinstance(bank, ExpertBank):
-                raise LayoutError("parallel.ep", f"{name} ({type(bank).__name__}) does not implement the expert bank "
-                                                 "protocol; allowed: 1")
+        for name, bank in _cores(model, spec, "parallel.ep", spec.expert_bank, ExpertBank, "expert bank"):
             experts = num_experts(bank)
             if experts % layout.ep:
                 raise LayoutError("parallel.ep", f"n_experts={experts} (of {name}) is not divisible by ep={layout.ep} "
