@@ -1,4 +1,5 @@
-"""Fixtures for launcher tests: a small prepared shard directory (real webdataset shards, real BPE)."""
+"""Fixtures for launcher tests: one real Ray cluster for the whole run, and a small prepared shard directory
+(real webdataset shards, real BPE)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ray_head
 from corpora import english_ish
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_ray():
+    """One real Ray cluster (`ray start --head` on 127.0.0.1, 8 logical CPUs: enough for the 4-worker jobs)
+    for every end-to-end job of the run: `test_launcher_e2e.launcher()` passes its address to `submit` and
+    `resume`. Started on first use, so tests that start no job pay nothing; ended, by its processes' pids,
+    when the run ends."""
+    head = ray_head.RayHead(num_cpus=8)
+    ray_head.SESSION = head
+    try:
+        yield head
+    finally:
+        ray_head.SESSION = None
+        head.stop()
 
 
 @pytest.fixture(scope="session")

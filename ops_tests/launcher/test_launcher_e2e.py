@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import ray_head
+
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "cluster_configs" / "local.yaml"
 STEPS = 40
@@ -19,8 +21,15 @@ STEPS = 40
 pytestmark = pytest.mark.slow
 
 
-def launcher(*args: str, home: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def launcher(*args: str, home: Path, timeout: float = 600, embedded: bool = False) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess. `submit` and `resume` join the test run's one shared Ray cluster
+    (`--address`, see ops_tests/ray_head.py and the `shared_ray` fixture) unless `embedded`: then the job
+    starts its own local cluster in-process, as README's first command does."""
     env = {**os.environ, "LMFORGE_HOME": str(home)}
+    if args and args[0] in ("submit", "resume") and not embedded:
+        head = ray_head.session_cluster()
+        args = (*args, "--address", head.address)
+        env.update(head.env())
     return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=home)
 
@@ -31,11 +40,23 @@ def status(name: str, home: Path) -> dict:
     return json.loads(r.stdout)
 
 
+def poll_status(name: str, home: Path) -> dict:
+    """What `launcher status NAME --json` prints, from the same function (`launcher.jobs.status`) called in
+    this process. For polling loops only: each CLI call costs seconds of CPU (it imports torch) that the
+    job's ranks need on a 2-core machine. What the tests assert on at the end comes from the CLI."""
+    from launcher import jobs
+
+    registry = jobs.read_json(home / "jobs.json", {}) or {}
+    return jobs.status(jobs.JobDir(Path(registry[name])))
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     home = tmp_path_factory.mktemp("e2e")
+    # The one job on the embedded default cluster (no --address): README's first command takes this path.
     r = launcher("submit", str(LOCAL), "--name", "e2e", "--set", f"train.steps={STEPS}", "--set", "train.eval_every=20",
-                 "--set", "train.checkpoint_every=20", "--set", f"train.output_dir={home / 'runs'}", home=home)
+                 "--set", "train.checkpoint_every=20", "--set", f"train.output_dir={home / 'runs'}", home=home,
+                 embedded=True)
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
     run_id = re.search(r"mlflow run id: (\w+)", r.stdout).group(1)
     uri = re.search(r"tracking uri: (\S+)", r.stdout).group(1)
@@ -95,40 +116,56 @@ def test_logs_and_eval(job):
     assert result["val_loss"] == pytest.approx(_history(job, "val_loss")[-1][1], rel=1e-4)
 
 
-def test_resubmitting_the_name_resumes_into_the_same_run(job):
+@pytest.fixture(scope="module")
+def continued(job):
+    """The e2e job continued, on the shared cluster: its name resubmitted with --detach and a far-off step
+    count (a resubmission resumes, into the same MLflow run), stopped while running, then `launcher resume`d
+    to a few steps past the stop. One job serves the resubmission and the detach/stop/resume tests; it
+    comes after the tests above, which read the job as it first finished."""
     home = job["home"]
-    r = launcher("submit", str(LOCAL), "--name", "e2e", "--set", f"train.steps={STEPS + 10}", "--set", "train.eval_every=20",
-                 "--set", "train.checkpoint_every=20", "--set", f"train.output_dir={home / 'runs'}", home=home)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert re.search(r"mlflow run id: (\w+)", r.stdout).group(1) == job["run_id"]
-    steps = [s for s, _ in _history(job, "loss")]
-    assert steps == list(range(STEPS + 10))  # continued at step 40: nothing repeated, nothing skipped
-    assert f"resumed from {home / 'runs' / 'e2e' / 'checkpoints' / f'step_{STEPS}'}" in (home / "runs" / "e2e" / "logs" / "rank0.log").read_text()
-
-
-def test_detach_stop_resume(tmp_path):
-    home = tmp_path
+    start = poll_status("e2e", home)["step"]
     out = f"train.output_dir={home / 'runs'}"
-    r = launcher("submit", str(LOCAL), "--name", "det", "--detach", "--set", "train.steps=2000", "--set", "train.eval_every=0",
-                 "--set", "train.checkpoint_every=0", "--set", out, home=home)
-    assert r.returncode == 0, r.stderr
+    detached = launcher("submit", str(LOCAL), "--name", "e2e", "--detach", "--set", "train.steps=2000",
+                        "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0", "--set", out, home=home)
+    assert detached.returncode == 0, detached.stderr
     deadline = time.time() + 300
     while time.time() < deadline:
-        st = status("det", home)
-        if st["state"] == "RUNNING" and st["step"] >= 3:
+        st = poll_status("e2e", home)
+        if st["state"] == "RUNNING" and st["step"] >= start + 3:
             break
         assert st["state"] in ("PENDING", "RUNNING"), st
         time.sleep(1)
     else:
         pytest.fail(f"job never got going: {st}")
-    r = launcher("stop", "det", home=home, timeout=300)
-    assert r.returncode == 0, r.stderr
-    st = status("det", home)
+    stop = launcher("stop", "e2e", home=home, timeout=300)
+    stopped = status("e2e", home)
+    resume = launcher("resume", "e2e", "--set", f"train.steps={stopped['step'] + 5}", home=home)
+    return {"home": home, "start": start, "detached": detached, "stop": stop, "stopped": stopped, "resume": resume,
+            "final": status("e2e", home)}
+
+
+def test_resubmitting_the_name_resumes_into_the_same_run(job, continued):
+    home, start, stopped_at = job["home"], continued["start"], continued["stopped"]["step"]
+    assert continued["stopped"]["mlflow"]["run_id"] == job["run_id"]  # the resubmitted driver opened the same run
+    r = continued["resume"]
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert re.search(r"mlflow run id: (\w+)", r.stdout).group(1) == job["run_id"]
+    steps = [s for s, _ in _history(job, "loss")]
+    assert steps == list(range(stopped_at + 5))  # continued at step 40, then at the stop: nothing repeated, nothing skipped
+    rank0 = (home / "runs" / "e2e" / "logs" / "rank0.log").read_text()
+    assert f"resumed from {home / 'runs' / 'e2e' / 'checkpoints' / f'step_{start}'}" in rank0
+    assert f"resumed from {home / 'runs' / 'e2e' / 'checkpoints' / f'step_{stopped_at}'}" in rank0
+
+
+def test_detach_stop_resume(continued):
+    assert continued["detached"].returncode == 0, continued["detached"].stderr
+    assert continued["stop"].returncode == 0, continued["stop"].stderr
+    st = continued["stopped"]
     assert st["state"] == "STOPPED", st
     stopped_at = st["step"]
-    assert 3 <= stopped_at < 2000 and st["last_checkpoint"].endswith(f"step_{stopped_at}")
+    assert continued["start"] + 3 <= stopped_at < 2000 and st["last_checkpoint"].endswith(f"step_{stopped_at}")
 
-    r = launcher("resume", "det", "--set", f"train.steps={stopped_at + 5}", home=home)
+    r = continued["resume"]
     assert r.returncode == 0, r.stderr[-4000:]
-    st = status("det", home)
+    st = continued["final"]
     assert st["state"] == "SUCCEEDED" and st["step"] == stopped_at + 5

@@ -11,7 +11,10 @@ import pytest
 from test_launcher_e2e import LOCAL, launcher, status
 
 pytestmark = pytest.mark.slow
-SPLIT, STEPS = 6, 12
+STEPS = 12
+# One job resized twice: checkpointed on 2 workers at step 4, resumed on 1 to step 8, then on 2 to the end.
+# Each resize is one of the cases below; both read the same job.
+LEGS = [(2, 4), (1, 8), (2, STEPS)]  # (workers, train.steps) of the submit and the two resumes
 
 
 def _args(home: Path, steps: int, workers: int) -> list[str]:
@@ -38,15 +41,26 @@ def uninterrupted(tmp_path_factory) -> dict[int, list[int]]:
     return _consumed(home, "ref")
 
 
+@pytest.fixture(scope="module")
+def resized(tmp_path_factory) -> dict:
+    home = tmp_path_factory.mktemp("elastic")
+    (workers, steps), *resumes = LEGS
+    r = launcher("submit", str(LOCAL), "--name", "elastic", *_args(home, steps, workers), home=home)
+    assert r.returncode == 0, r.stderr[-4000:]
+    legs = {}
+    for after, steps in resumes:
+        before, workers = workers, after
+        r = launcher("resume", "elastic", *_args(home, steps, after), home=home)
+        assert r.returncode == 0, r.stderr[-4000:]
+        legs[(before, after)] = {"steps": steps, "status": status("elastic", home)}
+    return {"home": home, "legs": legs}
+
+
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_resume_on_another_worker_count_consumes_exactly_the_same_samples(uninterrupted, tmp_path, before, after):
-    home = tmp_path
-    r = launcher("submit", str(LOCAL), "--name", "elastic", *_args(home, SPLIT, before), home=home)
-    assert r.returncode == 0, r.stderr[-4000:]
-    r = launcher("resume", "elastic", *_args(home, STEPS, after), home=home)
-    assert r.returncode == 0, r.stderr[-4000:]
-    st = status("elastic", home)
-    assert st["state"] == "SUCCEEDED" and st["step"] == STEPS and len(st["workers"]) == after, st
+def test_resume_on_another_worker_count_consumes_exactly_the_same_samples(uninterrupted, resized, before, after):
+    home, leg = resized["home"], resized["legs"][(before, after)]
+    st = leg["status"]
+    assert st["state"] == "SUCCEEDED" and st["step"] == leg["steps"] and len(st["workers"]) == after, st
     rank0 = (home / "runs" / "elastic" / "logs" / "rank0.log").read_text()
     assert f"written with tp=1 pp=1 dp={before}; loading its consolidated state into tp=1 pp=1 dp={after}" in rank0
 
