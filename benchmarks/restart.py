@@ -83,7 +83,7 @@ def _plain(rank: int, world: int, preset: str, root: str, vocab: int, seq_len: i
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
     save_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sd = torch.load(path, weights_only=False)
+    sd = torch.load(path, weights_only=True)
     model.load_state_dict(sd["model"])
     opt.load_state_dict(sd["opt"])
     return {"save_s": save_s, "load_s": time.perf_counter() - t0, "bytes": path.stat().st_size}

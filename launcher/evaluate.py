@@ -11,7 +11,7 @@ import models
 from data_pipeline import load_manifest, val_batches
 from launcher import jobs
 from launcher.errors import UserError
-from launcher.orchestrator import resolve_shards
+from launcher.orchestrator import refuse_unsafe_checkpoint_at, resolve_shards
 from launcher.spec import load_spec
 from launcher.validate import model_config
 from parallel import checkpoint, consolidated
@@ -19,16 +19,19 @@ from parallel.step import eval_loss
 
 
 def _resolve(target: str) -> tuple[jobs.JobDir, Path]:
+    """The job and the checkpoint to evaluate: intact, and holding nothing that would run code when loaded."""
     p = Path(target)
     if (p / checkpoint.MANIFEST).is_file():  # a checkpoint directory: <job>/checkpoints/step_N
         problem = checkpoint.verify(p)
         if problem:
             raise UserError(f"checkpoint {p}: {problem}")
-        return jobs.JobDir(p.resolve().parent.parent), p
-    job = jobs.find(target)
-    ckpt = checkpoint.latest_good(job.checkpoints)
-    if ckpt is None:
-        raise UserError(f"job {job.name} has no complete checkpoint in {job.checkpoints}")
+        job, ckpt = jobs.JobDir(p.resolve().parent.parent), p
+    else:
+        job = jobs.find(target)
+        ckpt = checkpoint.latest_good(job.checkpoints)
+        if ckpt is None:
+            raise UserError(f"job {job.name} has no complete checkpoint in {job.checkpoints}")
+    refuse_unsafe_checkpoint_at(ckpt)
     return job, ckpt
 
 

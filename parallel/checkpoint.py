@@ -19,11 +19,14 @@ import torch
 import torch.distributed as dist
 
 from kernels.fileio import atomic_write, file_sha256
+from parallel.checkpoint_manifest import (MANIFEST, complete_steps, latest_good, latest_published, read_manifest,
+                                          step_of, verify)
+from parallel.safe_load import safe_torch_load
 
 log = logging.getLogger("lmforge." + __name__)
 
-MANIFEST = "manifest.json"
-
+__all__ = ["MANIFEST", "CheckpointWriteError", "complete_steps", "latest_good", "latest_published", "load",
+           "read_manifest", "save", "verify"]
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -42,15 +45,23 @@ def _fsync_tree(root: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values (loadable with weights_only=True: no NumPy objects)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -191,63 +202,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
-    done = sorted(complete_steps(root), key=lambda p: _step_of(p))
+    done = sorted(complete_steps(root), key=step_of)
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.split("_", 1)[1])
-
-
-def complete_steps(root: Path) -> list[Path]:
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
-
-
-def verify(path: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else why not."""
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        return "no manifest"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"unreadable manifest ({e})"
-    for rel, info in files.items():
-        p = path / rel
-        if not p.is_file():
-            return f"missing file {rel}"
-        if p.stat().st_size != info["bytes"]:
-            return f"size mismatch in {rel}"
-        if file_sha256(p) != info["sha256"]:
-            return f"checksum mismatch in {rel}"
-    return None
-
-
-def latest_good(root: Path) -> Path | None:
-    """Newest checkpoint that verifies; broken ones are skipped with a warning naming them."""
-    for path in sorted(complete_steps(root), key=_step_of, reverse=True):
-        problem = verify(path)
-        if problem is None:
-            return path
-        log.warning("skipping checkpoint %s: %s", path, problem)
-    return None
-
-
-def latest_published(root: Path) -> Path | None:
-    """The checkpoint `latest` names, if it has a manifest (cheap: no checksums; for status displays)."""
-    try:
-        path = Path(root) / (Path(root) / "latest").read_text().strip()
-    except OSError:
-        return None
-    return path if (path / MANIFEST).is_file() else None
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / MANIFEST).read_text())
 
 
 def engine_layout(engine) -> dict[str, int]:  # noqa: ANN001
@@ -291,13 +248,13 @@ def load(engine, path: Path) -> dict[str, Any]:
         client = _client_state(path)
     rng = path / f"rng_rank{_rank()}.pt"
     if rng.is_file() and same:
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(safe_torch_load(rng))
     return client
 
 
 def _client_state(path: Path) -> dict[str, Any]:
     """Our keys of DeepSpeed's model-states file (it stores client_state at its top level)."""
     states = min(path.rglob("mp_rank_*_model_states.pt"))
-    sd = torch.load(states, map_location="cpu", weights_only=False)
+    sd = safe_torch_load(states, map_location="cpu")
     ours = ("step", "data", "mlflow_run_id", "spec_hash")
     return {k: sd[k] for k in ours if k in sd}

@@ -11,6 +11,7 @@ TP shard.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,15 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kernels.fileio import atomic_write
 from parallel.expert import expert_group_of, gather_experts
 from parallel.pipeline import canonical_parameters
+from parallel.safe_load import safe_torch_load
 from parallel.tensor import gather_full
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE = "trainer_state.json"
+LEGACY_TRAINER_STATE = "trainer_state.pt"  # written before trainer state became JSON; read safely
 
 
 def _rank_world() -> tuple[int, int]:
@@ -165,7 +169,7 @@ def write(out: Path, tensors: dict[str, torch.Tensor], trainer: dict[str, Any]) 
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / f"shard_rank{rank}.safetensors"))
     if rank == 0:
-        torch.save(trainer, out / TRAINER_STATE)
+        atomic_write(out / TRAINER_STATE, json.dumps(trainer, indent=1), fsync=False)  # the checkpoint fsyncs its tree
 
 
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -174,7 +178,13 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         with safe_open(str(shard), framework="pt") as f:
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
-    return tensors, torch.load(Path(path) / TRAINER_STATE, weights_only=False)
+    return tensors, read_trainer_state(Path(path))
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    if (path / TRAINER_STATE).is_file():
+        return json.loads((path / TRAINER_STATE).read_text())
+    return safe_torch_load(path / LEGACY_TRAINER_STATE)
 
 
 def _per_group(scheduler: dict[str, Any], n_groups: int) -> dict[str, Any]:

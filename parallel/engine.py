@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from parallel import safe_load
 from parallel.distributed import skip_cpu_shm_build
 from parallel.mpu import MPU
 from parallel.optimizer import FiniteAdamW
@@ -121,4 +122,5 @@ def build_engine(model: nn.Module, cfg: EngineConfig, groups: ProcessGroups | No
         mpu=mpu,
         dist_init_required=False,
     )
+    safe_load.install(engine)  # DeepSpeed would unpickle its checkpoint files with weights_only=False
     return engine

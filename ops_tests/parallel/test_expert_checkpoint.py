@@ -24,7 +24,7 @@ def _phase(rank: int, world: int, ep: int, zero: int, root: str, first: int, las
     """Train steps [first, last) with experts over `ep` of the `world` data-parallel ranks, loading
     from `root` when first > 0, saving at the end; returns losses and the whole parameters."""
     import models
-    from parallel import checkpoint
+    from parallel import checkpoint, safe_load
     from parallel.engine import EngineConfig, build_engine
     from parallel.expert import gather_experts
     from parallel.parallelize import parallelize
@@ -42,7 +42,8 @@ def _phase(rank: int, world: int, ep: int, zero: int, root: str, first: int, las
         assert checkpoint.load(engine, checkpoint.latest_good(Path(root)))["step"] == first
     losses = [train_step(engine, list(_batches()[s].chunk(world)[rank].chunk(2)), torch.device("cpu"), loss_fn).loss
               for s in range(first, last)]
-    checkpoint.save(engine, Path(root), last, {"step": last}, {"dp": world, "world": world}, keep=2)
+    saved = checkpoint.save(engine, Path(root), last, {"step": last}, {"dp": world, "world": world}, keep=2)
+    safe_load.refuse_unsafe(saved)  # DeepSpeed's expert files too hold nothing that runs code
     ep_group = groups["ep"] if ep > 1 else None
     params = {n: gather_experts(p, ep_group) for n, p in engine.module.named_parameters()}
     files = sorted(p.name for p in (Path(root) / f"step_{last}").glob("layer_*_expert_*")) if rank == 0 else []

@@ -28,7 +28,7 @@ def _world(layout: dict) -> int:
 def _phase(rank: int, world: int, layout: dict, root: str, first: int, last: int) -> dict:
     """Train steps [first, last) under `layout`, resuming from `root` when first > 0, saving at the end."""
     import models
-    from parallel import checkpoint
+    from parallel import checkpoint, safe_load
     from parallel.engine import EngineConfig, build_engine
     from parallel.parallelize import parallelize
     from parallel.pipeline import canonical_parameters
@@ -53,7 +53,8 @@ def _phase(rank: int, world: int, layout: dict, root: str, first: int, last: int
     dp_rank = topo.coords(rank)["dp"]
     losses = [train_step(engine, list(b.chunk(dp)[dp_rank].chunk(accum)), torch.device("cpu"), loss_fn).loss
               for b in _batches()[first:last]]
-    checkpoint.save(engine, Path(root), last, {"step": last}, {"world": world}, keep=2)
+    saved = checkpoint.save(engine, Path(root), last, {"step": last}, {"world": world}, keep=2)
+    safe_load.refuse_unsafe(saved)  # every file this layout wrote (pipeline layers, TP ranks) loads without code
     tp_group = groups["tp"] if tp > 1 else None
     params = {n: gather_full(p, tp_group) for n, p in canonical_parameters(engine.module)}
     return {"losses": losses, "params": params, "lr": engine.get_lr()[0]}
