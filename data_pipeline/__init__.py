@@ -10,6 +10,7 @@ from .errors import DataError
 from .loader import make_loader
 from .manifest import Manifest, ShardInfo, SplitInfo, load_manifest, save_manifest
 from .prepare import TOKENIZER_NAME, default_cache_dir, default_shards_dir, prepare
+from .shard_cache import verify_shards
 from .shards import read_shard, token_dtype, write_shard, write_shards
 from .stream import TokenStream
 from .tokenizer import EOT, eot_id, load_tokenizer, train_bpe
@@ -19,5 +20,5 @@ __all__ = [
     "EOT", "TOKENIZER_NAME", "DataError", "Document", "Manifest", "ShardInfo", "SplitInfo", "TokenStream",
     "builtin_documents", "default_cache_dir", "default_shards_dir", "eot_id", "file_sha256", "load_manifest",
     "load_tokenizer", "make_loader", "prepare", "read_shard", "save_manifest", "token_dtype", "train_bpe",
-    "user_documents", "val_batches", "write_shard", "write_shards",
+    "user_documents", "val_batches", "verify_shards", "write_shard", "write_shards",
 ]

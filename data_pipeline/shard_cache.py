@@ -20,6 +20,25 @@ def check_shards_present(shards_dir: Path, split: SplitInfo) -> None:
             raise DataError(f"missing shard {Path(shards_dir) / s.name}: {PREPARE_HINT} again")
 
 
+def verify_shards(shards_dir: Path, manifest: Manifest, max_bytes: int) -> bool:
+    """Check every shard's sha256 against the manifest now, if the whole set is at most `max_bytes`
+    (False: too big, left to the readers, which check each shard they open). A damaged shard raises
+    DataError naming it: it cannot heal, so the job should end before a worker starts."""
+    infos = [s for split in (manifest.train, manifest.val) for s in split.shards]
+    shards = [Path(shards_dir) / s.name for s in infos]
+    for path in shards:
+        if not path.is_file():
+            raise DataError(f"missing shard {path}: {PREPARE_HINT} again")
+    if sum(p.stat().st_size for p in shards) > max_bytes:
+        return False
+    for path, info in zip(shards, infos):
+        got = file_sha256(path)
+        if got != info.sha256:
+            raise DataError(f"corrupt shard {path}: sha256 {got[:12]}… differs from {info.sha256[:12]}… in "
+                            f"{Path(shards_dir) / 'manifest.json'} ({path.stat().st_size} bytes now)")
+    return True
+
+
 class ShardCache:
     """A reader's small LRU of decoded shards (reads move forward through the epoch, so few suffice)."""
 

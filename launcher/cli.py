@@ -92,42 +92,49 @@ def _setup_logging(debug: bool, logfile: Path | None = None) -> None:
         root.addHandler(fh)
 
 
-def _load_validated(config: Path | str, sets: list[str]):
+def _load_validated(config: Path | str, sets: list[str], address: str | None = None):
+    """The spec, validated; on the embedded cluster (no address) also against this host's cores and RAM."""
     from launcher.spec import load_spec
-    from launcher.validate import validate
+    from launcher.validate import validate, validate_local_machine
 
     spec = load_spec(config, sets)
     validate(spec)
+    if not (address or spec.cluster.address):
+        validate_local_machine(spec)
     return spec
 
 
 def _job_for(spec, name: str):
-    from launcher.jobs import JobDir, pid_alive
+    """The job directory for `name` under train.output_dir, locked for this driver (JobError if another holds it)."""
+    from launcher.jobs import DriverLock, job_dir
 
-    job = JobDir((Path(spec.train.output_dir).expanduser() / name).resolve())
-    state = job.read_state()
-    if state.get("state") in ("PENDING", "RUNNING", "RESTARTING") and pid_alive(state.get("driver_pid")):
-        raise UserError(f"job {name!r} is already running (driver pid {state['driver_pid']}); use `launcher stop {name}` first")
-    return job
+    job = job_dir(spec.train.output_dir, name)
+    return job, DriverLock(job).acquire()
 
 
-def _start(job, spec, address: str | None, detach: bool, debug: bool) -> int:
+def _start(job_and_lock, spec, address: str | None, detach: bool, debug: bool) -> int:
     from launcher import jobs
     from launcher.orchestrator import run_job
     from launcher.spec import dump_spec
 
-    job.create()
-    jobs.register(job)
-    if detach:
-        dump_spec(spec, job.spec)
-        cmd = [sys.executable, "-m", "launcher.cli", "_run", str(job.path)] + (["--address", address] if address else [])
-        with open(job.logs / "driver.log", "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        job.update_state(name=job.name, state="PENDING", driver_pid=proc.pid, job_dir=str(job.path))
-        print(f"submitted {job.name} (driver pid {proc.pid}); follow with: launcher logs {job.name} --follow")
-        return 0
-    _setup_logging(debug, job.logs / "driver.log")
-    final = run_job(job, spec, address=address, show_bar=sys.stderr.isatty())
+    job, lock = job_and_lock
+    try:
+        job.create()
+        jobs.register(job)
+        if detach:
+            dump_spec(spec, job.spec)
+            cmd = [sys.executable, "-m", "launcher.cli", "_run", str(job.path)] + (["--address", address] if address else [])
+            with open(job.logs / "driver.log", "ab") as out:
+                # The driver inherits the job's lock (the same open file): it holds it after this process exits.
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, pass_fds=(lock.fd,))
+            job.update_state(name=job.name, state="PENDING", driver_pid=proc.pid, job_dir=str(job.path))
+            print(f"submitted {job.name} (driver pid {proc.pid}); follow with: launcher logs {job.name} --follow")
+            return 0
+        _setup_logging(debug, job.logs / "driver.log")
+        final = run_job(job, spec, address=address, show_bar=sys.stderr.isatty())
+    finally:
+        lock.release()
     _summary(final)
     return 0 if final.get("state") == "SUCCEEDED" else 1
 
@@ -154,7 +161,11 @@ def _summary(final: dict) -> None:
 
 
 def cmd_submit(args) -> int:
-    spec = _load_validated(args.config, args.sets)
+    from launcher.jobs import check_name
+
+    if args.name is not None:
+        check_name(args.name)  # before anything is read or written
+    spec = _load_validated(args.config, args.sets, args.address)
     name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     return _start(_job_for(spec, name), spec, args.address, args.detach, args.debug)
 
@@ -163,8 +174,8 @@ def cmd_resume(args) -> int:
     from launcher import jobs
 
     job = jobs.find(args.name)
-    spec = _load_validated(job.spec, args.sets)
-    return _start(_job_for(spec, job.name), spec, args.address, args.detach, args.debug)
+    spec = _load_validated(job.spec, args.sets, args.address)
+    return _start((job, jobs.DriverLock(job).acquire()), spec, args.address, args.detach, args.debug)
 
 
 def cmd_run(args) -> int:
@@ -241,7 +252,7 @@ def cmd_stop(args) -> int:
     import signal
 
     from launcher import jobs
-    from launcher.orchestrator import wait_terminal
+    from launcher.jobs import wait_terminal
 
     job = jobs.find(args.name)
     st = jobs.status(job)
@@ -319,28 +330,17 @@ def _load_for_plan(config: str, sets: list[str]):
 def cmd_plan(args) -> int:
     import torch
 
-    from launcher.validate import data_parallel_size, model_config
-    from parallel.plan import Layout, LayoutError, Workload, make_plan
-    from parallel.precision import resolve_dtype
+    from launcher.validate import make_spec_plan
 
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise UserError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     if not 0 < args.mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {args.mfu}")
     spec = _load_for_plan(args.config, args.sets + ([f"cluster.workers={args.world}"] if args.world is not None else []))
-    p, d = spec.parallel, spec.data
-    dp = data_parallel_size(spec)
     # "auto" is what a job started from this machine would pick; --set cluster.device=cuda plans a GPU job anywhere.
     cuda = spec.cluster.device == "cuda" or (spec.cluster.device == "auto" and torch.cuda.is_available())
-    layout = Layout(tp=p.tp, pp=p.pp, dp=dp, cp=p.cp, zero=p.zero, sequence_parallel=p.sequence_parallel,
-                    partition=p.pipeline_partition, ep=p.ep)
-    work = Workload(seq_len=d.seq_len, micro_batch=d.micro_batch, grad_accum=d.global_batch // (d.micro_batch * dp),
-                    dtype=resolve_dtype(spec.train.dtype, torch.device("cuda" if cuda else "cpu")))
     _quiet_deepspeed()  # imported for the pipeline's stage bounds
-    try:
-        plan = make_plan(model_config(spec, vocab_size=d.vocab_size), layout, work, peak_tflops=args.peak_tflops, mfu=args.mfu)
-    except LayoutError as e:
-        raise SpecError(e.key, str(e).removeprefix(f"{e.key}: ")) from None
+    plan = make_spec_plan(spec, cuda, peak_tflops=args.peak_tflops, mfu=args.mfu)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
     else:
@@ -392,6 +392,16 @@ def _print_plan(spec, plan) -> None:  # noqa: ANN001
                       f"({plan.peak_tflops:g} TFLOP/s peak per rank, MFU {plan.mfu:g}, 1F1B bubble included)")
 
 
+def _one_line_errors() -> tuple[type[BaseException], ...]:
+    """The error types whose message is the whole story (they name the key, shard or file). Looked up among
+    the modules already imported: an error of one was raised by it, and `status` stays free of torch."""
+    found: list[type[BaseException]] = [UserError]
+    for module, name in (("data_pipeline.errors", "DataError"), ("parallel.safe_load", "UnsafeFileError")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
 VERBS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "resume": cmd_resume,
          "data": cmd_data, "eval": cmd_eval, "plan": cmd_plan, "_run": cmd_run}
 
@@ -399,12 +409,10 @@ VERBS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": c
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.debug = args.debug or bool(os.environ.get("LMFORGE_DEBUG"))
-    from data_pipeline.errors import DataError
-
     try:
         return VERBS[args.verb](args)
-    except (UserError, DataError) as e:
-        if args.debug:
+    except Exception as e:
+        if args.debug or not isinstance(e, _one_line_errors()):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,16 +2,18 @@
 
 `<train.output_dir>/<name>/` holds `spec.yaml`, `state.json` (written by the driver only),
 `workers/rank<R>.json` (each rank's host, pid, step and heartbeat, written by that rank),
-`checkpoints/`, `logs/`, `stop` (a stop request), `fatal.json` (written by rank 0 when a policy
-ends the job: Ray Train would restart a raising worker, but a NaN or a full disk comes back) and `hangs.jsonl`
-(one line per rank the driver's watchdog killed: that rank's last report, when the watchdog looked and when it
-killed). Keeping one writer per file avoids races.
+`checkpoints/`, `logs/`, `stop` (a stop request), `fatal.json` (created once, by the first rank that ends the
+job without a restart: a policy (a NaN, a full disk comes back) or a failure no restart can clear (a damaged
+shard); Ray Train would restart a raising worker), `hangs.jsonl` (one line per rank the driver's watchdog
+killed: that rank's last report, when the watchdog looked and when it killed) and `driver.lock` (flocked by the
+job's one driver). Keeping one writer per file avoids races.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 from contextlib import contextmanager
@@ -65,6 +67,28 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
+# One rule for job names: they become a directory under train.output_dir and a registry key.
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE_TEXT = "1-100 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+
+
+def check_name(name: str) -> str:
+    """The name if it follows NAME_RULE; else JobError quoting the rule (nothing has been written yet)."""
+    if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        raise JobError(f"--name {shown!r} is not a valid job name: {NAME_RULE_TEXT}")
+    return name
+
+
+def job_dir(output_dir: str | Path, name: str) -> JobDir:
+    """`<output_dir>/<name>` for a valid name, checked to resolve inside output_dir (a symlink could point out)."""
+    root = Path(output_dir).expanduser().resolve()
+    path = (root / check_name(name)).resolve()
+    if path.parent != root:
+        raise JobError(f"job {name!r} would live at {path}, outside train.output_dir {root}")
+    return JobDir(path)
+
+
 @dataclass(frozen=True)
 class JobDir:
     path: Path
@@ -81,6 +105,7 @@ class JobDir:
     stop_file = property(lambda self: self.path / "stop")
     fatal_file = property(lambda self: self.path / "fatal.json")  # a rank's reason to end the job without a restart
     hangs_file = property(lambda self: self.path / "hangs.jsonl")  # the watchdog's kills, one JSON object a line
+    lock_file = property(lambda self: self.path / "driver.lock")  # held (flock) by the job's one driver
 
     def create(self) -> None:
         for d in (self.path, self.logs, self.workers, self.checkpoints):
@@ -98,6 +123,38 @@ class JobDir:
     def worker_reports(self) -> list[dict[str, Any]]:
         reports = [read_json(p) for p in sorted(self.workers.glob("rank*.json"))]
         return sorted((r for r in reports if r), key=lambda r: r["rank"])
+
+
+class DriverLock:
+    """An exclusive, non-blocking flock on `driver.lock`, held for the driver's life: of two submits of
+    one name started at the same instant exactly one gets it. The kernel drops it when the process dies,
+    so a killed driver never leaves a stale lock."""
+
+    def __init__(self, job: JobDir):
+        self.job, self._fd = job, None
+
+    def acquire(self) -> "DriverLock":
+        self.job.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.job.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = read_json(self.job.state_file, {}) or {}
+            raise JobError(f"job {self.job.name!r} is already running (driver pid {holder.get('driver_pid', '?')}); "
+                           f"use `launcher stop {self.job.name}` first") from None
+        os.set_inheritable(fd, True)  # a detached driver started from here keeps holding it
+        self._fd = fd
+        return self
+
+    @property
+    def fd(self) -> int | None:
+        return self._fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def report_worker(job: JobDir, rank: int, step: int, **extra: Any) -> None:
@@ -158,7 +215,7 @@ def _live_restarts(job: JobDir) -> int:
 
 def status(job: JobDir) -> dict[str, Any]:
     """What `launcher status --json` prints: the driver's state merged with the ranks' reports."""
-    from parallel import checkpoint
+    from parallel import checkpoint_manifest as checkpoint  # standard library only: status answers in ~0.1 s
 
     state = job.read_state()
     reports = job.worker_reports()
@@ -178,3 +235,13 @@ def status(job: JobDir) -> dict[str, Any]:
         "job_dir": str(job.path),
         "error": state.get("error"),
     }
+
+
+def wait_terminal(job: JobDir, timeout_s: float, poll_s: float = 0.1) -> dict[str, Any]:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        state = job.read_state()
+        if state.get("state") in TERMINAL:
+            return state
+        time.sleep(poll_s)
+    return job.read_state()

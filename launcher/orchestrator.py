@@ -6,13 +6,12 @@ import os
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from launcher import tracking
 from launcher.errors import UserError
-from launcher.jobs import TERMINAL, JobDir, read_json, write_json_atomic
+from launcher.jobs import JobDir, read_json, write_json_atomic
 from launcher.spec import JobSpec, dump_spec
 from launcher.watchdog import Watchdog
 
@@ -46,6 +45,35 @@ def resolve_shards(spec: JobSpec) -> Path:
     return shards
 
 
+def refuse_unsafe_checkpoint(job: JobDir) -> None:
+    """UserError naming the file when the checkpoint a resume would load holds more than tensors and plain values."""
+    from parallel import checkpoint_manifest
+
+    ckpt = checkpoint_manifest.latest_good(job.checkpoints)
+    if ckpt is not None:
+        refuse_unsafe_checkpoint_at(ckpt)
+
+
+def refuse_unsafe_checkpoint_at(ckpt: Path) -> None:
+    from parallel import safe_load
+
+    try:
+        safe_load.refuse_unsafe(ckpt)
+    except safe_load.UnsafeFileError as e:
+        raise UserError(str(e)) from None
+
+
+def _verify_shards_upfront(spec: JobSpec, shards: Path) -> None:
+    from data_pipeline import DataError, load_manifest, verify_shards
+
+    limit = int(spec.data.verify_upfront_mb * 2**20)
+    try:
+        if limit and verify_shards(shards, load_manifest(shards), limit):
+            log.info("verified the checksums of the shards in %s", shards)
+    except DataError as e:
+        raise UserError(f"data: {e}") from None
+
+
 def _ray_init(spec: JobSpec, address: str | None) -> None:
     import ray
 
@@ -54,10 +82,31 @@ def _ray_init(spec: JobSpec, address: str | None) -> None:
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **quiet)
-    else:
-        # A small box still runs every rank: declare as many logical CPUs as the workers need.
-        need = spec.cluster.workers * spec.cluster.cpus_per_worker
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), **quiet)
+        return
+    from launcher.rendezvous import LOOPBACK_ENV
+
+    # The embedded cluster is this host only: Ray would resolve 127.0.0.1 to the host's outside address (so
+    # other nodes could join) unless told the cluster is single-machine; its servers then bind loopback.
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"  # for the GCS, raylet and workers it starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when this process resolves its own address
+    # A small box still runs every rank: declare as many logical CPUs as the workers need.
+    need = spec.cluster.workers * spec.cluster.cpus_per_worker
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": dict(LOOPBACK_ENV)}, **quiet)
+
+
+def _torch_config(job: JobDir, spec: JobSpec, address: str | None, use_gpu: bool):  # noqa: ANN202
+    """Ray Train's TCP rendezvous on a remote cluster; a file in the job directory on the embedded one."""
+    from ray.train.torch import TorchConfig
+
+    from launcher.rendezvous import FileRendezvousConfig
+
+    kw = dict(backend="nccl" if use_gpu else "gloo", timeout_s=int(spec.fault.hang_timeout_s))
+    if address:
+        return TorchConfig(**kw)
+    return FileRendezvousConfig(**kw, rendezvous_dir=str(job.path / "rendezvous"))
 
 
 def _use_gpu(spec: JobSpec) -> bool:
@@ -125,9 +174,14 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
                      job_dir=str(job.path), error=None, steps=spec.train.steps)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        shards = resolve_shards(spec)
+        # What no restart can fix is checked here, before Ray or any worker: a checkpoint that would run
+        # code, an unreachable tracking store, missing or damaged shards.
+        refuse_unsafe_checkpoint(job)
         uri = tracking.resolve_uri(spec.tracking.uri, Path(spec.train.output_dir))
         tracking.check_writable(uri)
+        tracking.probe(uri, spec.tracking.probe_timeout_s)
+        shards = resolve_shards(spec)
+        _verify_shards_upfront(spec, shards)
         run_id = tracking.ensure_run(uri, spec.tracking.experiment, job.name, prior.get("mlflow", {}).get("run_id"))
         tracking.log_params(uri, run_id, {**spec.flat(), "data.shards_resolved": str(shards)})
         tracking.log_artifact(uri, run_id, job.spec)
@@ -139,7 +193,7 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
         raise
 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from launcher.worker import train_loop
 
@@ -156,7 +210,7 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
                 resources_per_worker={"CPU": spec.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
             ),
             # A collective waiting on a dead or frozen peer gives up after the hang timeout too.
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(spec.fault.hang_timeout_s)),
+            torch_config=_torch_config(job, spec, address, use_gpu),
             run_config=RunConfig(
                 name=job.name, storage_path=str(job.path / "ray"),
                 failure_config=FailureConfig(max_failures=spec.fault.max_restarts),
@@ -165,10 +219,8 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
         job.update_state(state="RUNNING")
         with _Progress(job, spec.train.steps, show_bar), Watchdog(job, spec.fault.hang_timeout_s):
             result = trainer.fit()
-        error = getattr(result, "error", None)
-        fatal = read_json(job.fatal_file)
-        if fatal and not error:
-            error = fatal["error"]
+        fatal = read_json(job.fatal_file)  # a rank's own one-line cause beats Ray's traceback of it
+        error = fatal["error"] if fatal else getattr(result, "error", None)
         state = "FAILED" if error else ("STOPPED" if job.stop_file.exists() else "SUCCEEDED")
     except KeyboardInterrupt:
         state, error = "STOPPED", "interrupted"
@@ -197,13 +249,3 @@ def _shutdown_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-
-
-def wait_terminal(job: JobDir, timeout_s: float) -> dict[str, Any]:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        state = job.read_state()
-        if state.get("state") in TERMINAL:
-            return state
-        time.sleep(0.5)
-    return job.read_state()

@@ -27,6 +27,7 @@ class ClusterSection:
     address: str | None = None  # None: start an embedded local Ray cluster
     cpus_per_worker: int = 1
     device: str = "auto"  # auto | cpu | cuda
+    oversubscribe: float = 4.0  # the embedded cluster runs at most this many worker CPUs (workers × cpus_per_worker) per host core
     torch_threads: int | None = None  # None: cpus_per_worker
 
 
@@ -63,6 +64,7 @@ class DataSection:
     samples_per_shard: int = 2048
     eval_samples: int = 256
     record_samples: bool = False  # each rank appends the sample ids of every step to workers/samples_rank<R>.jsonl
+    verify_upfront_mb: float = 1024.0  # shard sets up to this size are checksummed by the driver before any worker starts (0: never; ranks always verify each shard they open)
 
 
 @dataclass
@@ -95,6 +97,7 @@ class TrackingSection:
     uri: str | None = None  # None: sqlite store under train.output_dir
     experiment: str = "lmforge"
     system_metrics: bool = True
+    probe_timeout_s: float = 5.0  # an http(s) tracking server must answer its health check within this, before any worker starts
 
 
 @dataclass

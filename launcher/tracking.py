@@ -41,6 +41,27 @@ def check_writable(uri: str) -> None:
         raise UserError(f"tracking.uri: MLflow store {target} is not writable")
 
 
+def probe(uri: str, timeout_s: float) -> None:
+    """An MLflow server (http/https) must answer its health check within `timeout_s`: MLflow's own client
+    retries an unreachable server for minutes before it gives up."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+            if reply.status != 200:
+                raise UserError(f"tracking.uri: MLflow server {uri} answered {url} with HTTP {reply.status}")
+    except urllib.error.HTTPError as e:
+        raise UserError(f"tracking.uri: MLflow server {uri} answered {url} with HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"tracking.uri: no MLflow server answered at {uri} within {timeout_s:g} s "
+                        f"({reason}; tracking.probe_timeout_s={timeout_s:g})") from None
+
+
 def artifact_root(uri: str) -> str | None:
     db = _sqlite_path(uri)
     return (db.parent / "mlartifacts").as_uri() if db else None

@@ -19,6 +19,14 @@ CHOICES = {
 # Layout degrees whose implementation has not landed yet: refused with the reason, never ignored.
 NOT_YET: dict[str, str] = {}
 
+# Beyond these a value is a typo, not a job (10**12 steps would take longer than anyone waits).
+AT_MOST = {
+    "train.steps": 10**9, "cluster.workers": 65536, "cluster.cpus_per_worker": 1024, "data.seq_len": 2**20,
+    "data.vocab_size": 2**24, "data.micro_batch": 2**20, "data.global_batch": 2**26, "parallel.tp": 1024,
+    "parallel.pp": 1024, "parallel.cp": 1024, "parallel.ep": 65536, "parallel.dp": 65536,
+    "fault.max_restarts": 1000, "train.keep_checkpoints": 10000,
+}
+
 
 def _get(spec: JobSpec, key: str):
     section, name = key.split(".")
@@ -70,6 +78,12 @@ def validate(spec: JobSpec) -> None:
     _positive(spec, ["optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "fault.max_restarts"], 0)
     _positive(spec, ["fault.hang_timeout_s"], 1)
     _positive(spec, ["fault.restart_backoff_s"], 0)
+    _positive(spec, ["tracking.probe_timeout_s", "cluster.oversubscribe"], 0.001)
+    _positive(spec, ["data.verify_upfront_mb"], 0)
+    for key, most in AT_MOST.items():
+        v = _get(spec, key)
+        if v is not None and v > most:
+            raise SpecError(key, f"{v} is beyond the largest value allowed ({most:,})")
     if not spec.optim.lr > 0:
         raise SpecError("optim.lr", f"must be > 0, got {spec.optim.lr}")
     if spec.optim.min_lr_ratio > 1:
@@ -110,6 +124,54 @@ def _validate_layout(spec: JobSpec, dp: int) -> None:
         validate_layout(model_config(spec, vocab_size=d.vocab_size), layout, work)
     except LayoutError as e:
         raise SpecError(e.key, str(e).removeprefix(f"{e.key}: ")) from None
+
+
+def make_spec_plan(spec: JobSpec, cuda: bool, peak_tflops: float | None = None, mfu: float = 0.4):
+    """`launcher plan`'s Plan for a validated spec: parameters, memory and FLOPs per rank of its layout."""
+    import torch
+
+    from parallel.plan import Layout, LayoutError, Workload, make_plan
+    from parallel.precision import resolve_dtype
+
+    p, d = spec.parallel, spec.data
+    dp = data_parallel_size(spec)
+    layout = Layout(tp=p.tp, pp=p.pp, dp=dp, cp=p.cp, zero=p.zero, sequence_parallel=p.sequence_parallel,
+                    partition=p.pipeline_partition, ep=p.ep)
+    work = Workload(seq_len=d.seq_len, micro_batch=d.micro_batch, grad_accum=d.global_batch // (d.micro_batch * dp),
+                    dtype=resolve_dtype(spec.train.dtype, torch.device("cuda" if cuda else "cpu")))
+    try:
+        return make_plan(model_config(spec, vocab_size=d.vocab_size), layout, work, peak_tflops=peak_tflops, mfu=mfu)
+    except LayoutError as e:
+        raise SpecError(e.key, str(e).removeprefix(f"{e.key}: ")) from None
+
+
+def validate_local_machine(spec: JobSpec) -> None:
+    """For the embedded cluster (it runs every rank on this host): the workers' CPUs within
+    `cluster.oversubscribe` per core, and on CPU the plan's memory of all ranks within the host's RAM."""
+    import os
+
+    import psutil
+
+    c = spec.cluster
+    cores = os.cpu_count() or 1
+    need, cap = c.workers * c.cpus_per_worker, cores * c.oversubscribe
+    if need > cap:
+        raise SpecError("cluster.workers", f"{c.workers} workers × {c.cpus_per_worker} cpus_per_worker = {need} CPUs, "
+                                           f"but the embedded cluster runs on this host: {cores} cores × "
+                                           f"cluster.oversubscribe {c.oversubscribe:g} = {cap:g}; pass --address to "
+                                           "use a Ray cluster")
+    if c.device == "cuda":
+        return  # device memory: `launcher plan` per GPU, not the host's RAM
+    plan = make_spec_plan(spec, cuda=False)
+    ckpt = spec.train.activation_checkpointing
+    per_rank = [s.total_checkpointed_bytes if ckpt else s.total_bytes for s in plan.stages]
+    ranks = c.workers // len(plan.stages)
+    total, ram = sum(per_rank) * ranks, psutil.virtual_memory().total
+    if total > ram:
+        gib = 2**30
+        raise SpecError("model.preset", f"{spec.model.arch} {spec.model.preset} needs {max(per_rank) / gib:.2f} GiB per "
+                                        f"rank (launcher plan) × {c.workers} ranks = {total / gib:.1f} GiB, more than "
+                                        f"this host's {ram / gib:.1f} GiB of RAM")
 
 
 def _validate_model(spec: JobSpec) -> None:

@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 import models
-from data_pipeline import TokenStream, load_manifest, make_loader, val_batches
+from data_pipeline import DataError, TokenStream, load_manifest, make_loader, val_batches
 from launcher import tracking
+from launcher.errors import UserError
 from launcher.jobs import JobDir, read_json, report_worker, write_json_atomic
 from launcher.spec import JobSpec, spec_from_dict
 from launcher.validate import data_parallel_size, model_config
@@ -33,6 +34,7 @@ from parallel.context import context_slice
 from parallel.parallelize import parallelize
 from parallel.pipeline import is_pipeline
 from parallel.precision import resolve_dtype
+from parallel.safe_load import UnsafeFileError
 from parallel.step import ModelLoss, StepResult, eval_loss, train_step
 from parallel.topology import ProcessGroups, Topology, build_groups
 
@@ -123,7 +125,24 @@ class _Run:
         return t.cpu()
 
 
+# Failures no restart can clear: damaged or mismatched data, a checkpoint that would run code, a bad spec.
+NOT_RETRIED: tuple[type[BaseException], ...] = (DataError, UnsafeFileError, UserError)
+
+
 def train_loop(config: dict[str, Any]) -> None:
+    job = JobDir(Path(config["job_dir"]))
+    if job.fatal_file.exists():
+        # A rank of the previous attempt hit a failure that cannot clear (NOT_RETRIED) and recorded it; Ray
+        # Train restarts the group anyway, and this attempt ends at once, uncounted, so the driver reports it.
+        return
+    try:
+        _train(config)
+    except NOT_RETRIED as e:
+        _record_fatal(job, str(e))
+        raise
+
+
+def _train(config: dict[str, Any]) -> None:
     run = _start_attempt(config)
     _build(run)
     _resume(run)
@@ -136,6 +155,16 @@ def train_loop(config: dict[str, Any]) -> None:
     finally:
         _close_tracking(run)
     _finish(run)
+
+
+def _record_fatal(job: JobDir, error: str, step: int | None = None) -> None:
+    """fatal.json, first writer wins (any rank may hit a bad shard; the first cause is the one to report)."""
+    log.error("giving up: %s", error)
+    try:
+        with open(job.fatal_file, "x") as f:
+            json.dump({"error": error, "step": step, "time": time.time(), "rank": dist.get_rank()}, f)
+    except FileExistsError:
+        pass
 
 
 def _start_attempt(config: dict[str, Any]) -> _Run:
@@ -344,10 +373,8 @@ def _close_tracking(run: _Run) -> None:
 
 def _finish(run: _Run) -> None:
     """Records why the run gave up, if it did; then every rank leaves together."""
-    if run.fatal:
-        log.error("giving up: %s", run.fatal)
-        if run.rank == 0:
-            write_json_atomic(run.job.fatal_file, {"error": run.fatal, "step": run.step, "time": time.time()})
+    if run.fatal and run.rank == 0:
+        _record_fatal(run.job, run.fatal, run.step)
     # Every rank leaves together: DeepSpeed's pipeline engine can abort a process that exits while a
     # peer still has point-to-point traffic in flight (Ray Train destroys the group after this returns).
     dist.barrier()

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,17 +51,64 @@ def poll_status(name: str, home: Path) -> dict:
     return jobs.status(jobs.JobDir(Path(registry[name])))
 
 
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def listening_sockets(root_pid: int) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket of `root_pid` and its descendants."""
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        pids = {root_pid, *(c.pid for c in root.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+            try:
+                name = psutil.Process(conn.pid).name()
+            except psutil.NoSuchProcess:
+                name = "?"
+            found.add((conn.laddr.ip, conn.laddr.port, name))
+    return found
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     home = tmp_path_factory.mktemp("e2e")
     # The one job on the embedded default cluster (no --address): README's first command takes this path.
-    r = launcher("submit", str(LOCAL), "--name", "e2e", "--set", f"train.steps={STEPS}", "--set", "train.eval_every=20",
-                 "--set", "train.checkpoint_every=20", "--set", f"train.output_dir={home / 'runs'}", home=home,
-                 embedded=True)
-    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
-    run_id = re.search(r"mlflow run id: (\w+)", r.stdout).group(1)
-    uri = re.search(r"tracking uri: (\S+)", r.stdout).group(1)
-    return {"home": home, "stdout": r.stdout, "run_id": run_id, "uri": uri}
+    # While it runs, every listening socket of its process tree (driver, GCS, raylet, ranks) is recorded.
+    cmd = [sys.executable, "-m", "launcher.cli", "submit", str(LOCAL), "--name", "e2e", "--set", f"train.steps={STEPS}",
+           "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20", "--set", f"train.output_dir={home / 'runs'}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=home,
+                            env={**os.environ, "LMFORGE_HOME": str(home)})
+    sockets: set = set()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            sockets.update(listening_sockets(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        done.set()
+        sampler.join(timeout=10)
+    assert proc.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr[-4000:]}"
+    run_id = re.search(r"mlflow run id: (\w+)", stdout).group(1)
+    uri = re.search(r"tracking uri: (\S+)", stdout).group(1)
+    return {"home": home, "stdout": stdout, "run_id": run_id, "uri": uri, "listening": sockets}
+
+
+def test_the_embedded_cluster_listens_on_loopback_only(job):
+    names = {name for _, _, name in job["listening"]}
+    assert any("raylet" in n or "gcs" in n for n in names), job["listening"]  # the sampler saw the cluster up
+    assert any(n.startswith("ray::") for n in names), job["listening"]  # ...and its worker processes
+    outside = {s for s in job["listening"] if s[0] not in LOOPBACK}
+    assert not outside, f"listening beyond loopback: {sorted(outside)}"
 
 
 def _history(job, key):

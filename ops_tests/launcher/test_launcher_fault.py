@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from launcher.jobs import read_json, read_jsonl
+from parallel.safe_load import safe_torch_load
 from test_launcher_e2e import LOCAL, launcher, poll_status, status
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,7 @@ def _sets(home: Path, **extra) -> list[str]:
 def _final_params(home: Path, name: str) -> dict[str, torch.Tensor]:
     ckpt = home / "runs" / name / "checkpoints" / f"step_{STEPS}"
     states = ckpt / "mp_rank_00_model_states.pt"
-    return torch.load(states, map_location="cpu", weights_only=False)["module"]
+    return safe_torch_load(states, map_location="cpu")["module"]
 
 
 def _losses(home: Path, name: str) -> dict[int, list[float]]:
@@ -194,6 +195,33 @@ def test_nonfinite_loss_follows_the_policy(tmp_path, policy):
         assert r.returncode == 0 and st["state"] == "SUCCEEDED" and st["step"] == steps, st
         assert sorted(m.value for m in history) == list(range(1, steps + 1))
         # every update was refused, so the checkpoints hold the initial weights
-        first, last = (torch.load(ckpts / f"step_{s}" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        first, last = (safe_torch_load(ckpts / f"step_{s}" / "mp_rank_00_model_states.pt")["module"]
                        for s in (2, steps))
         assert all(torch.equal(first[k], v) for k, v in last.items())
+
+
+def test_a_shard_a_rank_finds_damaged_ends_the_job_without_a_restart(tmp_path):
+    """Checksums left to the ranks (data.verify_upfront_mb=0): the rank that opens a bit-flipped shard records
+    the cause, Ray Train's next attempt ends before it builds anything, and the job is FAILED with the shard
+    named and no restart counted (the damage cannot heal)."""
+    import shutil
+
+    from launcher.orchestrator import resolve_shards
+    from launcher.spec import load_spec
+
+    shards = tmp_path / "shards"
+    shutil.copytree(resolve_shards(load_spec(LOCAL)), shards)
+    damaged = sorted(shards.glob("train-*.tar"))
+    for shard in damaged:  # every train shard: whichever the stream opens first is damaged
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 3] ^= 0x10
+        shard.write_bytes(bytes(data))
+    r = launcher("submit", str(LOCAL), "--name", "rot", *_sets(tmp_path, **{
+        "data.shards": shards, "data.corpus": "null", "data.verify_upfront_mb": 0}), home=tmp_path)
+    st = status("rot", tmp_path)
+    assert r.returncode != 0 and st["state"] == "FAILED" and st["restarts"] == 0, st
+    assert st["error"].startswith("corrupt shard ") and "sha256 differs" in st["error"], st["error"]
+    assert any(str(p) in st["error"] for p in damaged), st["error"]
+    assert "\n" not in st["error"]
+    attempts = read_json(tmp_path / "runs" / "rot" / "attempts.json")
+    assert attempts["attempts"] == 1, attempts  # the group Ray Train started again did not count an attempt
