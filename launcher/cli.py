@@ -161,12 +161,12 @@ def _summary(final: dict) -> None:
 
 
 def cmd_submit(args) -> int:
-    from launcher.jobs import check_name
+    from launcher.jobs import check_name, default_name
 
     if args.name is not None:
         check_name(args.name)  # before anything is read or written
     spec = _load_validated(args.config, args.sets, args.address)
-    name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.name or default_name(Path(args.config).stem)
     return _start(_job_for(spec, name), spec, args.address, args.detach, args.debug)
 
 

@@ -80,6 +80,12 @@ def check_name(name: str) -> str:
     return name
 
 
+def default_name(config_stem: str) -> str:
+    """`<config stem>-<time>` when no --name is given, with characters outside the rule replaced."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", config_stem).lstrip("._-")[:80] or "job"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def job_dir(output_dir: str | Path, name: str) -> JobDir:
     """`<output_dir>/<name>` for a valid name, checked to resolve inside output_dir (a symlink could point out)."""
     root = Path(output_dir).expanduser().resolve()

@@ -28,6 +28,7 @@ from launcher.jobs import JobDir, read_json, report_worker, write_json_atomic
 from launcher.spec import JobSpec, spec_from_dict
 from launcher.validate import data_parallel_size, model_config
 from parallel import checkpoint
+from parallel.consolidated import CheckpointMismatchError
 from parallel.distributed import limit_threads, pick_device
 from parallel.engine import EngineConfig, build_engine
 from parallel.context import context_slice
@@ -125,8 +126,9 @@ class _Run:
         return t.cpu()
 
 
-# Failures no restart can clear: damaged or mismatched data, a checkpoint that would run code, a bad spec.
-NOT_RETRIED: tuple[type[BaseException], ...] = (DataError, UnsafeFileError, UserError)
+# Failures no restart can clear: damaged or mismatched data, a checkpoint that would run code or that was
+# written for another model, a bad spec.
+NOT_RETRIED: tuple[type[BaseException], ...] = (DataError, UnsafeFileError, CheckpointMismatchError, UserError)
 
 
 def train_loop(config: dict[str, Any]) -> None:

@@ -31,6 +31,10 @@ TRAINER_STATE = "trainer_state.json"
 LEGACY_TRAINER_STATE = "trainer_state.pt"  # written before trainer state became JSON; read safely
 
 
+class CheckpointMismatchError(ValueError):
+    """The checkpoint was written for another model (parameter names or shapes differ): no restart can fix it."""
+
+
 def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -206,7 +210,7 @@ def load(engine, path: Path) -> None:
     names = _all_names(engine)
     if sorted(names) != sorted(trainer["params"]):
         missing = sorted(set(trainer["params"]) ^ set(names))[:5]
-        raise ValueError(f"{path}: parameters differ from the model's (first differences: {missing})")
+        raise CheckpointMismatchError(f"{path}: parameters differ from the model's (first differences: {missing})")
     tp_group = _tp_group(engine)
     moments = trainer["adam_step"] > 0
     step = torch.tensor(trainer["adam_step"], dtype=torch.float32)
@@ -216,7 +220,8 @@ def load(engine, path: Path) -> None:
         def mine(key: str) -> torch.Tensor:
             full = tensors[f"{key}/{name}"]
             if _full_shape(p, tp_group) != list(full.shape):
-                raise ValueError(f"{path}: {name} has shape {list(full.shape)}, the model {_full_shape(p, tp_group)}")
+                raise CheckpointMismatchError(f"{path}: {name} has shape {list(full.shape)}, the model "
+                                              f"{_full_shape(p, tp_group)}")
             return _my_shard(full, p, tp_group).to(p.device).contiguous()
 
         weight = mine("param")

@@ -222,6 +222,7 @@ def test_a_shard_a_rank_finds_damaged_ends_the_job_without_a_restart(tmp_path):
     assert r.returncode != 0 and st["state"] == "FAILED" and st["restarts"] == 0, st
     assert st["error"].startswith("corrupt shard ") and "sha256 differs" in st["error"], st["error"]
     assert any(str(p) in st["error"] for p in damaged), st["error"]
-    assert "\n" not in st["error"]
+    assert "\n" not in st["error"] and "Traceback" not in r.stdout + r.stderr
+    assert r.stdout.splitlines()[0] == f"job rot: FAILED at step 0 — {st['error']}"
     attempts = read_json(tmp_path / "runs" / "rot" / "attempts.json")
     assert attempts["attempts"] == 1, attempts  # the group Ray Train started again did not count an attempt

@@ -121,6 +121,13 @@ def test_bad_job_names_are_refused_before_anything_is_written(cli, tmp_path, sma
     assert _files(tmp_path) == before  # nothing under the output dir's parent (or anywhere else here)
 
 
+def test_the_default_name_of_any_config_file_follows_the_rule():
+    from launcher.jobs import NAME_RULE, default_name
+
+    for stem in ("local", "my config", ".hidden", "___", "ü" * 5, "x" * 200):
+        assert NAME_RULE.fullmatch(default_name(stem)), stem
+
+
 def test_a_name_that_resolves_outside_the_output_dir_is_refused(tmp_path):
     from launcher.errors import JobError
     from launcher.jobs import job_dir
@@ -145,7 +152,7 @@ def test_a_layout_beyond_this_host_is_refused_with_the_arithmetic(cli, tmp_path,
     assert f"{cores} cores × cluster.oversubscribe 4 = {cores * 4}" in err[0], err
     # A model whose plan needs more memory than any host here has: refused with the per-rank sum.
     rc, err = cli("submit", str(LOCAL), "--name", "huge", *_sets(tmp_path, small_shards, **{
-        "model.preset": "1.3b", "model.n_layers": 480, "cluster.workers": 4, "data.global_batch": 32}))
+        "model.preset": "1.3b", "model.d_model": 16384, "cluster.workers": 4, "data.global_batch": 32}))
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: model.preset: transformer 1.3b needs"), err
     assert "GiB per rank (launcher plan) × 4 ranks" in err[0] and "GiB of RAM" in err[0], err
     rc, err = cli("submit", str(LOCAL), "--name", "long", *_sets(tmp_path, small_shards, **{"train.steps": 10**12}))
