@@ -93,13 +93,19 @@ def _setup_logging(debug: bool, logfile: Path | None = None) -> None:
 
 
 def _load_validated(config: Path | str, sets: list[str], address: str | None = None):
-    """The spec, validated; on the embedded cluster (no address) also against this host's cores and RAM."""
+    """The spec, validated against where it will run: the Ray cluster at the resolved address (its nodes'
+    CPUs and GPUs; this process stays connected for the driver), or this host's cores and RAM for the
+    embedded cluster."""
+    from launcher.cluster import resolve_address, validate_on_cluster
     from launcher.spec import load_spec
     from launcher.validate import validate, validate_local_machine
 
     spec = load_spec(config, sets)
-    validate(spec)
-    if not (address or spec.cluster.address):
+    address = resolve_address(address, spec)
+    validate(spec, address)
+    if address:
+        validate_on_cluster(spec, address)
+    else:
         validate_local_machine(spec)
     return spec
 
@@ -161,21 +167,25 @@ def _summary(final: dict) -> None:
 
 
 def cmd_submit(args) -> int:
+    from launcher.cluster import resolve_address
     from launcher.jobs import check_name, default_name
 
     if args.name is not None:
         check_name(args.name)  # before anything is read or written
     spec = _load_validated(args.config, args.sets, args.address)
     name = args.name or default_name(Path(args.config).stem)
-    return _start(_job_for(spec, name), spec, args.address, args.detach, args.debug)
+    return _start(_job_for(spec, name), spec, resolve_address(args.address, spec), args.detach, args.debug)
 
 
 def cmd_resume(args) -> int:
     from launcher import jobs
 
+    from launcher.cluster import resolve_address
+
     job = jobs.find(args.name)
     spec = _load_validated(job.spec, args.sets, args.address)
-    return _start((job, jobs.DriverLock(job).acquire()), spec, args.address, args.detach, args.debug)
+    address = resolve_address(args.address, spec)
+    return _start((job, jobs.DriverLock(job).acquire()), spec, address, args.detach, args.debug)
 
 
 def cmd_run(args) -> int:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -171,6 +172,35 @@ def report_worker(job: JobDir, rank: int, step: int, **extra: Any) -> None:
     )
 
 
+class Heartbeat:
+    """Renews a rank's last report every `every_s` while a long phase runs (building the model, verifying and
+    loading a checkpoint, writing one), so the watchdog judges a rank that is stuck, not one that is busy.
+    A stopped process's threads stop with it: a frozen rank still goes silent. A deadlocked collective ends
+    at the process group's timeout (fault.hang_timeout_s) and raises."""
+
+    def __init__(self, job: JobDir, rank: int, every_s: float):
+        self.path, self.every_s = job.workers / f"rank{rank}.json", every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lmforge-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            report = read_json(self.path)
+            if report:
+                try:
+                    write_json_atomic(self.path, {**report, "heartbeat": time.time()})
+                except OSError:  # a full disk: the phase reports it; meanwhile the watchdog may act
+                    pass
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.every_s + 5)
+
+
 @contextmanager
 def _registry_lock():
     home().mkdir(parents=True, exist_ok=True)
@@ -235,7 +265,7 @@ def status(job: JobDir) -> dict[str, Any]:
         "state": st,
         "step": max([r.get("step", 0) for r in reports] + [state.get("step", 0)]),
         "restarts": max(state.get("restarts", 0), _live_restarts(job)),
-        "workers": [{"rank": r["rank"], "host": r["host"], "pid": r["pid"]} for r in reports],
+        "workers": [{"rank": r["rank"], "host": r["host"], "pid": r["pid"], "node": r.get("node")} for r in reports],
         "mlflow": state.get("mlflow", {}),
         "last_checkpoint": str(latest) if latest else None,
         "job_dir": str(job.path),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import tracking
+from launcher.cluster import connect, scaling_kwargs
 from launcher.errors import UserError
 from launcher.jobs import JobDir, read_json, write_json_atomic
 from launcher.spec import JobSpec, dump_spec
@@ -72,29 +73,6 @@ def _verify_shards_upfront(spec: JobSpec, shards: Path) -> None:
             log.info("verified the checksums of the shards in %s", shards)
     except DataError as e:
         raise UserError(f"data: {e}") from None
-
-
-def _ray_init(spec: JobSpec, address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    if address:
-        ray.init(address=address, **quiet)
-        return
-    from launcher.rendezvous import LOOPBACK_ENV
-
-    # The embedded cluster is this host only: Ray would resolve 127.0.0.1 to the host's outside address (so
-    # other nodes could join) unless told the cluster is single-machine; its servers then bind loopback.
-    from ray._private import ray_constants
-
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"  # for the GCS, raylet and workers it starts
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read when this process resolves its own address
-    # A small box still runs every rank: declare as many logical CPUs as the workers need.
-    need = spec.cluster.workers * spec.cluster.cpus_per_worker
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": dict(LOOPBACK_ENV)}, **quiet)
 
 
 def _torch_config(job: JobDir, spec: JobSpec, address: str | None, use_gpu: bool):  # noqa: ANN202
@@ -199,7 +177,7 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
 
     state, error = "FAILED", None
     try:
-        _ray_init(spec, address)
+        connect(spec, address)
         use_gpu = _use_gpu(spec)
         trainer = TorchTrainer(
             train_loop,
@@ -208,6 +186,7 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
             scaling_config=ScalingConfig(
                 num_workers=spec.cluster.workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": spec.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+                **scaling_kwargs(spec),
             ),
             # A collective waiting on a dead or frozen peer gives up after the hang timeout too.
             torch_config=_torch_config(job, spec, address, use_gpu),

@@ -28,6 +28,8 @@ class ClusterSection:
     cpus_per_worker: int = 1
     device: str = "auto"  # auto | cpu | cuda
     oversubscribe: float = 4.0  # the embedded cluster runs at most this many worker CPUs (workers × cpus_per_worker) per host core
+    env: dict[str, str] = field(default_factory=dict)  # every rank's environment (Ray runtime_env): NCCL_SOCKET_IFNAME, ...
+    placement: str = "pack"  # pack | spread | strict_pack | strict_spread: Ray's placement of the ranks' bundles
     torch_threads: int | None = None  # None: cpus_per_worker
 
 

@@ -124,28 +124,60 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 class MetricLogger:
-    """Buffers metrics and sends them in batches: one sqlite transaction per flush, not per value."""
+    """Buffers metrics and sends them in batches: one store transaction per flush, not per value.
 
-    def __init__(self, uri: str, run_id: str, flush_every: int = 10):
-        self.uri, self.run_id, self.flush_every = uri, run_id, flush_every
+    Training never fails because tracking does: a flush that cannot reach the store keeps its metrics and
+    sends them with the next one (oldest first, at most `max_buffered`; beyond that the oldest are dropped
+    and counted), and the first flush that gets through also logs `tracking_errors`, the failed flushes so
+    far."""
+
+    def __init__(self, uri: str, run_id: str, flush_every: int = 10, max_buffered: int = 1_000_000):
+        self.uri, self.run_id, self.flush_every, self.max_buffered = uri, run_id, flush_every, max_buffered
+        if uri.startswith(("http://", "https://")):
+            # MLflow's client retries an unreachable server for minutes inside one call; a step must not wait
+            # that long: fail the flush fast and retry at the next one (a user's own settings win).
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self._client = client(uri)
         self._buf: list = []
         self._steps_since_flush = 0
+        self.errors = 0  # failed flushes
+        self.dropped = 0  # metrics dropped because the buffer was full
+        self._reported_errors = 0
+        self._last_step = 0
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self._buf.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self._last_step = step
+        if len(self._buf) > self.max_buffered:
+            excess = len(self._buf) - self.max_buffered
+            del self._buf[:excess]
+            self.dropped += excess
         self._steps_since_flush += 1
         if self._steps_since_flush >= self.flush_every:
             self.flush()
 
-    def flush(self) -> None:
-        for i in range(0, len(self._buf), 1000):
-            self._client.log_batch(self.run_id, metrics=self._buf[i : i + 1000])
-        self._buf.clear()
+    def flush(self) -> bool:
+        """Send what is buffered; False (and the metrics kept) if the store could not be reached."""
+        from mlflow.entities import Metric
+
         self._steps_since_flush = 0
+        if self.errors != self._reported_errors:
+            self._buf.append(Metric("tracking_errors", float(self.errors), int(time.time() * 1000), self._last_step))
+        try:
+            while self._buf:
+                self._client.log_batch(self.run_id, metrics=self._buf[:1000])
+                del self._buf[:1000]
+        except Exception as e:  # noqa: BLE001 - any store failure: keep the metrics, keep training
+            self.errors += 1
+            log.warning("MLflow store %s unreachable (%s); %d metrics kept for the next flush (failed flushes: %d)",
+                        self.uri, type(e).__name__, len(self._buf), self.errors)
+            return False
+        self._reported_errors = self.errors
+        return True
 
 
 class SystemMetrics:

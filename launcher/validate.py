@@ -14,6 +14,7 @@ CHOICES = {
     "fault.checkpoint_errors": ("fail", "continue"),
     "parallel.zero": (0, 1, 2),
     "parallel.pipeline_partition": ("parameters", "uniform"),
+    "cluster.placement": ("pack", "spread", "strict_pack", "strict_spread"),
 }
 
 # Layout degrees whose implementation has not landed yet: refused with the reason, never ignored.
@@ -61,8 +62,9 @@ def data_parallel_size(spec: JobSpec) -> int:
     return p.dp
 
 
-def validate(spec: JobSpec) -> None:
-    """Raise SpecError for the first problem found."""
+def validate(spec: JobSpec, address: str | None = None) -> None:
+    """Raise SpecError for the first problem found. `address`: the cluster the job will run on (the
+    resolved one, `launcher.cluster.resolve_address`); without one, the device is checked on this host."""
     for key, allowed in CHOICES.items():
         v = _get(spec, key)
         if v not in allowed:
@@ -91,7 +93,10 @@ def validate(spec: JobSpec) -> None:
     for key in ("optim.beta1", "optim.beta2"):
         if not 0 <= _get(spec, key) < 1:
             raise SpecError(key, f"must be in [0, 1), got {_get(spec, key)}")
-    if spec.cluster.address is None and spec.cluster.device == "cuda":
+    for k, v in (spec.cluster.env or {}).items():
+        if not isinstance(k, str) or not k or "=" in k or not isinstance(v, (str, int, float, bool)):
+            raise SpecError(f"cluster.env.{k}", f"an environment variable name and a scalar value, got {k!r}: {v!r}")
+    if not (address or spec.cluster.address) and spec.cluster.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():

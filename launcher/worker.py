@@ -24,7 +24,7 @@ import models
 from data_pipeline import DataError, TokenStream, load_manifest, make_loader, val_batches
 from launcher import tracking
 from launcher.errors import UserError
-from launcher.jobs import JobDir, read_json, report_worker, write_json_atomic
+from launcher.jobs import Heartbeat, JobDir, read_json, report_worker, write_json_atomic
 from launcher.spec import JobSpec, spec_from_dict
 from launcher.validate import data_parallel_size, model_config
 from parallel import checkpoint
@@ -100,6 +100,7 @@ class _Run:
     accum: int  # micro-batches per optimizer step on this rank
     attempt: int  # index in this driver session (0: the first start)
     restarts: int  # over the job's life
+    node: str  # the Ray node id
     # _build
     groups: ProcessGroups = field(init=False)
     dp_rank: int = field(init=False)
@@ -146,8 +147,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def _train(config: dict[str, Any]) -> None:
     run = _start_attempt(config)
-    _build(run)
-    _resume(run)
+    with _busy(run):  # long phases: the heartbeat keeps beating
+        _build(run)
+        _resume(run)
     _open_tracking(run)
     _open_data(run)
     try:
@@ -157,6 +159,10 @@ def _train(config: dict[str, Any]) -> None:
     finally:
         _close_tracking(run)
     _finish(run)
+
+
+def _busy(run: _Run) -> Heartbeat:
+    return Heartbeat(run.job, run.rank, every_s=max(1.0, run.spec.fault.hang_timeout_s / 4))
 
 
 def _record_fatal(job: JobDir, error: str, step: int | None = None) -> None:
@@ -187,10 +193,22 @@ def _start_attempt(config: dict[str, Any]) -> _Run:
         wait = min(spec.fault.restart_backoff_s * 2 ** (attempt - 1), 60.0, spec.fault.hang_timeout_s / 2)
         log.warning("restart %d of this run: waiting %.1f s before resuming", attempt, wait)
         time.sleep(wait)
-    report_worker(job, rank, 0, attempt=attempt)  # alive, still building: the watchdog's clock starts here
-    return _Run(config=config, job=job, spec=spec, rank=rank, world=world, device=device, shards=shards,
-                vocab_size=manifest.vocab_size, dp=dp, accum=d.global_batch // (d.micro_batch * dp),
-                attempt=attempt, restarts=restarts)
+    run = _Run(config=config, job=job, spec=spec, rank=rank, world=world, device=device, shards=shards,
+               vocab_size=manifest.vocab_size, dp=dp, accum=d.global_batch // (d.micro_batch * dp),
+               attempt=attempt, restarts=restarts, node=_node_id())
+    _report(run)  # alive, still building: the watchdog's clock starts here
+    return run
+
+
+def _node_id() -> str:
+    """The Ray node this rank runs on (several nodes can share a host name, as in the multi-node tests)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _report(run: _Run, **extra: Any) -> None:
+    report_worker(run.job, run.rank, run.step, attempt=run.attempt, node=run.node, **extra)
 
 
 def _build(run: _Run) -> None:
@@ -199,6 +217,7 @@ def _build(run: _Run) -> None:
     spec, p, d, t, o = run.spec, run.spec.parallel, run.spec.data, run.spec.train, run.spec.optim
     topo = Topology(tp=p.tp, pp=p.pp, dp=run.dp, cp=p.cp, ep=p.ep)
     run.groups = build_groups(topo, run.rank)
+    _check_tp_node_local(run, topo)
     run.dp_rank = topo.coords(run.rank)["dp"]  # ranks of one TP group / pipeline read the same samples
     run.cp_rank = topo.coords(run.rank)["cp"]  # ...and ranks of one CP group each take a contiguous slice of them
     if run.vocab_size % p.tp:
@@ -232,6 +251,23 @@ def _build(run: _Run) -> None:
     run.model_metrics = arch.step_metrics
 
 
+def _check_tp_node_local(run: _Run, topo: Topology) -> None:
+    """Collective: a TP group's ranks must share a node (its collectives run every layer). Ray numbers ranks
+    node by node; a node holding a count of ranks that is not a multiple of tp splits a group: refused."""
+    if topo.tp == 1:
+        return
+    nodes: list[str] = [""] * run.world
+    dist.all_gather_object(nodes, run.node)
+    for first in range(0, run.world, topo.tp):
+        group = nodes[first:first + topo.tp]
+        if len(set(group)) > 1:
+            counts = {n: nodes.count(n) for n in dict.fromkeys(nodes)}
+            raise UserError(f"parallel.tp: the TP group of ranks {first}-{first + topo.tp - 1} spans {len(set(group))} "
+                            f"nodes (Ray placed {', '.join(map(str, counts.values()))} ranks on the nodes, not "
+                            f"multiples of tp={topo.tp}); use cluster.placement=strict_pack or spread, or a worker "
+                            "count that fills each node with whole TP groups")
+
+
 def _resume(run: _Run) -> None:
     """Collective: the newest good checkpoint (rank 0 picks it) gives the step, the data position and the
     RNG state; without one, Python's and NumPy's RNGs are seeded per rank."""
@@ -261,7 +297,7 @@ def _open_tracking(run: _Run) -> None:
 def _open_data(run: _Run) -> None:
     """Reports this rank ready at its step; the batch iterator and, with data.record_samples, the sample log."""
     d = run.spec.data
-    report_worker(run.job, run.rank, run.step, attempt=run.attempt)
+    _report(run)
     run.batches = iter(make_loader(run.stream, d.num_workers, with_ids=d.record_samples))
     run.samples = SampleLog(run.job, run.rank) if d.record_samples else None
 
@@ -281,7 +317,7 @@ def _train_iteration(run: _Run) -> bool:
     run.step += 1
     if run.samples:
         run.samples.commit(run.step, run.attempt)
-    report_worker(run.job, run.rank, run.step, loss=res.loss, attempt=run.attempt)
+    _report(run, loss=res.loss)
     stopped = _stop_requested(run)
     if last or stopped or (t.checkpoint_every and run.step % t.checkpoint_every == 0):
         _checkpoint(run, final=last or stopped)
@@ -354,8 +390,9 @@ def _checkpoint(run: _Run, final: bool) -> None:
         # Metrics up to a checkpoint must be stored before it: a restart re-logs only the steps after it.
         run.logger.flush()
     try:
-        path = checkpoint.save(run.engine, run.job.checkpoints, run.step, client, meta,
-                               keep=run.spec.train.keep_checkpoints)
+        with _busy(run):  # writing (and fsyncing) a large checkpoint can outlast fault.hang_timeout_s
+            path = checkpoint.save(run.engine, run.job.checkpoints, run.step, client, meta,
+                                   keep=run.spec.train.keep_checkpoints)
         log.info("checkpoint %s", path)
     except checkpoint.CheckpointWriteError as e:
         log.error("%s", e)

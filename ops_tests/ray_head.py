@@ -32,8 +32,11 @@ def free_port() -> int:
 
 
 class RayHead:
-    def __init__(self, num_cpus: int = 8):
-        self.num_cpus = num_cpus
+    """`single_machine`: Ray keeps every server on 127.0.0.1 and refuses other nodes; False for a cluster
+    that other raylets join (`add_node`), which Ray then reaches through the host's address."""
+
+    def __init__(self, num_cpus: int = 8, single_machine: bool = True):
+        self.num_cpus, self.single_machine = num_cpus, single_machine
         self.temp_dir: Path | None = None
         self.address: str | None = None
 
@@ -48,7 +51,7 @@ class RayHead:
                 "RAY_USAGE_STATS_ENABLED": "0",
                 # Ray resolves 127.0.0.1 to the machine's address (so other nodes can reach it) unless told
                 # that this cluster is single-machine; then its servers listen on 127.0.0.1 only.
-                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if self.single_machine else "1"}
 
     def start(self) -> str:
         if self.started:
@@ -79,6 +82,28 @@ class RayHead:
             raise RuntimeError(f"ray start --head failed ({r.returncode}):\n{output}")
         self.address = f"127.0.0.1:{port}"
         return self.address
+
+    def add_node(self, num_cpus: int, num_gpus: int = 0, resources: dict[str, float] | None = None) -> None:
+        """Another raylet joined to this head (`ray start --address`): a node of a real multi-node cluster on
+        this machine. Its GPUs are declared, not real: Ray schedules by them, nothing runs CUDA on them."""
+        import json
+
+        assert self.address is not None, "start the head first"
+        ray = Path(sys.executable).with_name("ray")
+        cmd = [str(ray), "start", "--address", self.address, "--node-ip-address", "127.0.0.1",
+               "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--disable-usage-stats",
+               "--temp-dir", str(self.temp_dir), "--dashboard-agent-listen-port", str(free_port()),
+               "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+               "--metrics-export-port", str(free_port()), "--include-log-monitor", "false"]
+        if resources:
+            cmd += ["--resources", json.dumps(resources)]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = self.temp_dir / f"ray_start_node{free_port()}.log"
+        with open(out, "w") as f:
+            r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env={**env, **self.env()}, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"ray start --address failed ({r.returncode}):\n{out.read_text()}")
 
     def processes(self) -> list[psutil.Process]:
         """The processes that name the temp dir on their command line, and their children."""
