@@ -34,11 +34,18 @@ def _consumed(home: Path, name: str) -> dict[int, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[int, list[int]]:
-    home = tmp_path_factory.mktemp("elastic-ref")
-    r = launcher("submit", str(LOCAL), "--name", "ref", *_args(home, STEPS, 2), home=home)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return _consumed(home, "ref")
+def uninterrupted() -> dict[int, list[int]]:
+    """step -> the global sample ids an uninterrupted run of the job trains on: the stream's own schedule from
+    step 0 (`TokenStream.samples_for_steps`, no I/O), the same for any worker count (the global batch is fixed)."""
+    from data_pipeline import TokenStream
+    from launcher.orchestrator import resolve_shards
+    from launcher.spec import load_spec
+
+    spec = load_spec(LOCAL)
+    d = spec.data
+    stream = TokenStream(resolve_shards(spec), seed=spec.train.seed, global_batch=d.global_batch,
+                         micro_batch=d.micro_batch, dp_rank=0, dp_size=1)
+    return {step: ids.tolist() for step, ids in enumerate(stream.samples_for_steps(STEPS))}
 
 
 @pytest.fixture(scope="module")

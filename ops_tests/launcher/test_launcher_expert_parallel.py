@@ -13,6 +13,7 @@ from test_launcher_parallel import _history
 
 pytestmark = pytest.mark.slow
 STEPS = 16
+EVAL_SAMPLES = 64
 
 
 def test_tiny_moeut_trains_with_ep2(tmp_path):
@@ -23,6 +24,7 @@ def test_tiny_moeut_trains_with_ep2(tmp_path):
     spec["train"] = {**spec["train"], "steps": STEPS, "eval_every": 8, "checkpoint_every": 8,
                      "output_dir": str(home / "runs")}
     spec.setdefault("tracking", {})["system_metrics"] = False
+    spec["data"] = {**spec["data"], "eval_samples": EVAL_SAMPLES}  # the same samples `launcher eval` reads below
     config = home / "ep2.yaml"
     config.write_text(yaml.safe_dump(spec))
 
@@ -43,6 +45,6 @@ def test_tiny_moeut_trains_with_ep2(tmp_path):
     vals = _history(uri, run_id, "val_loss")
     assert vals and vals[-1][1] < losses[0][1] - 1.0, (losses[:3], vals)
     # one process, all experts in one bank: the loss the two expert-parallel ranks logged
-    r = launcher("eval", "ep", "--samples", "256", home=home)
+    r = launcher("eval", "ep", "--samples", str(EVAL_SAMPLES), home=home)
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads(r.stdout)["val_loss"] == pytest.approx(vals[-1][1], rel=1e-4)

@@ -13,6 +13,7 @@ from test_launcher_e2e import LOCAL, launcher, status
 
 pytestmark = pytest.mark.slow
 SPLIT, STEPS = 16, 24
+EVAL_SAMPLES = 64
 
 
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -29,6 +30,7 @@ def test_tp2_pp2_job_trains_and_resumes_resharded(tmp_path):
     spec["train"] = {**spec["train"], "steps": SPLIT, "eval_every": 8, "checkpoint_every": 8,
                      "output_dir": str(home / "runs")}
     spec.setdefault("tracking", {})["system_metrics"] = False
+    spec["data"] = {**spec["data"], "eval_samples": EVAL_SAMPLES}  # the same samples `launcher eval` reads below
     config = home / "tp2pp2.yaml"
     config.write_text(yaml.safe_dump(spec))
 
@@ -42,8 +44,8 @@ def test_tp2_pp2_job_trains_and_resumes_resharded(tmp_path):
     vals = _history(uri, run_id, "val_loss")
     assert vals and vals[-1][1] < losses[0][1] - 1.0, (losses[:3], vals)
     # The export gathers TP shards and pipeline stages into whole tensors: one process evaluates it to
-    # the val_loss the 4 ranks logged (the same 256 validation samples).
-    r = launcher("eval", "mp", "--samples", "256", home=home)
+    # the val_loss the 4 ranks logged (the same validation samples).
+    r = launcher("eval", "mp", "--samples", str(EVAL_SAMPLES), home=home)
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads(r.stdout)["val_loss"] == pytest.approx(vals[-1][1], rel=1e-4)
 
