@@ -260,6 +260,7 @@ def status(job: JobDir) -> dict[str, Any]:
         st = "FAILED"
         state.setdefault("error", f"driver process {state.get('driver_pid')} is gone")
     latest = checkpoint.latest_published(job.checkpoints)
+    rank0 = next((r for r in reports if r["rank"] == 0), {})
     return {
         "name": job.name,
         "state": st,
@@ -270,7 +271,19 @@ def status(job: JobDir) -> dict[str, Any]:
         "last_checkpoint": str(latest) if latest else None,
         "job_dir": str(job.path),
         "error": state.get("error"),
+        "startup": startup_phases(state.get("startup") or {}, rank0.get("startup") or {}),
     }
+
+
+def startup_phases(driver: dict[str, float], rank0: dict[str, float]) -> dict[str, float]:
+    """Seconds from the driver process's start to the end of each start-up phase (driver: checks_done,
+    ray_connected, trainer_started; rank 0 of the newest attempt: worker_entered, model_built, engine_ready,
+    resumed, data_opened, first_step), in order."""
+    marks = {**driver, **rank0}
+    start = marks.pop("driver_start", None)
+    if start is None:
+        return {}
+    return {k: round(v - start, 3) for k, v in sorted(marks.items(), key=lambda kv: kv[1])}
 
 
 def wait_terminal(job: JobDir, timeout_s: float, poll_s: float = 0.1) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,9 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
     write_json_atomic(job.path / "attempts.json", {"attempts": 0, "restarts_before": prior_restarts})
     dump_spec(spec, job.spec)
     prior = job.read_state()
+    startup = {"driver_start": _process_start()}  # `status --json` shows the phases from here (imports included)
     job.update_state(name=job.name, state="PENDING", driver_pid=os.getpid(), driver_host=socket.gethostname(),
-                     job_dir=str(job.path), error=None, steps=spec.train.steps)
+                     job_dir=str(job.path), error=None, steps=spec.train.steps, startup=startup)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         # What no restart can fix is checked here, before Ray or any worker: a checkpoint that would run
@@ -165,7 +167,8 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
         tracking.log_artifact(uri, run_id, job.spec)
         if (shards / "tokenizer.json").is_file():
             tracking.log_artifact(uri, run_id, shards / "tokenizer.json")
-        job.update_state(mlflow={"tracking_uri": uri, "run_id": run_id})
+        startup["checks_done"] = time.time()
+        job.update_state(mlflow={"tracking_uri": uri, "run_id": run_id}, startup=startup)
     except UserError as e:
         job.update_state(state="FAILED", error=str(e))
         raise
@@ -178,6 +181,7 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
     state, error = "FAILED", None
     try:
         connect(spec, address)
+        startup["ray_connected"] = time.time()
         use_gpu = _use_gpu(spec)
         trainer = TorchTrainer(
             train_loop,
@@ -195,7 +199,8 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
                 failure_config=FailureConfig(max_failures=spec.fault.max_restarts),
             ),
         )
-        job.update_state(state="RUNNING")
+        startup["trainer_started"] = time.time()
+        job.update_state(state="RUNNING", startup=startup)
         with _Progress(job, spec.train.steps, show_bar), Watchdog(job, spec.fault.hang_timeout_s):
             result = trainer.fit()
         fatal = read_json(job.fatal_file)  # a rank's own one-line cause beats Ray's traceback of it
@@ -217,6 +222,12 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
     except Exception as e:  # noqa: BLE001
         log.warning("could not mark the MLflow run finished: %s", e)
     return final
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process(os.getpid()).create_time()
 
 
 def _raise_interrupt(signum, frame):  # noqa: ANN001

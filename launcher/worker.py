@@ -101,6 +101,7 @@ class _Run:
     attempt: int  # index in this driver session (0: the first start)
     restarts: int  # over the job's life
     node: str  # the Ray node id
+    startup: dict[str, float] = field(default_factory=dict)  # when each start-up phase of this attempt ended
     # _build
     groups: ProcessGroups = field(init=False)
     dp_rank: int = field(init=False)
@@ -146,12 +147,16 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def _train(config: dict[str, Any]) -> None:
+    entered = time.time()
     run = _start_attempt(config)
+    run.startup["worker_entered"] = entered
     with _busy(run):  # long phases: the heartbeat keeps beating
         _build(run)
         _resume(run)
+    run.startup["resumed"] = time.time()
     _open_tracking(run)
     _open_data(run)
+    run.startup["data_opened"] = time.time()
     try:
         while run.step < run.spec.train.steps:
             if not _train_iteration(run):
@@ -159,6 +164,12 @@ def _train(config: dict[str, Any]) -> None:
     finally:
         _close_tracking(run)
     _finish(run)
+
+
+def _phases(marks: dict[str, float]) -> str:
+    """`a 1.2 s, b 3.4 s`: each mark's time since the one before it."""
+    ordered = sorted(marks.items(), key=lambda kv: kv[1])
+    return ", ".join(f"{name} +{t - prev:.1f} s" for (name, t), (_, prev) in zip(ordered[1:], ordered))
 
 
 def _busy(run: _Run) -> Heartbeat:
@@ -208,7 +219,7 @@ def _node_id() -> str:
 
 
 def _report(run: _Run, **extra: Any) -> None:
-    report_worker(run.job, run.rank, run.step, attempt=run.attempt, node=run.node, **extra)
+    report_worker(run.job, run.rank, run.step, attempt=run.attempt, node=run.node, startup=run.startup, **extra)
 
 
 def _build(run: _Run) -> None:
@@ -232,6 +243,7 @@ def _build(run: _Run) -> None:
                                      partition=p.pipeline_partition,
                                      activation_checkpointing=t.activation_checkpointing)
     model = model.to(run.device)
+    run.startup["model_built"] = time.time()
     run.engine = build_engine(
         model,
         EngineConfig(
@@ -243,6 +255,7 @@ def _build(run: _Run) -> None:
         ),
         run.groups,
     )
+    run.startup["engine_ready"] = time.time()
     run.stream = TokenStream(run.shards, seed=t.seed, global_batch=d.global_batch, micro_batch=d.micro_batch,
                              dp_rank=run.dp_rank, dp_size=run.dp)
     arch = models.get_spec(cfg.arch)
@@ -307,6 +320,9 @@ def _train_iteration(run: _Run) -> bool:
     False: leave the loop."""
     t = run.spec.train
     res, metrics = _train_step(run)
+    if "first_step" not in run.startup:
+        run.startup["first_step"] = time.time()
+        log.info("start-up of this attempt: %s", _phases(run.startup))
     last = run.step + 1 == t.steps
     if not run.fatal and t.eval_every and ((run.step + 1) % t.eval_every == 0 or last):
         metrics["val_loss"] = _evaluate(run)

@@ -151,6 +151,12 @@ def test_status_json_fields(job):
     assert len({w["pid"] for w in st["workers"]}) == 2
     assert st["mlflow"] == {"tracking_uri": job["uri"], "run_id": job["run_id"]}
     assert st["last_checkpoint"].endswith(f"step_{STEPS}")
+    # where start-up time went: seconds from the driver's start, phase by phase, in order
+    phases = list(st["startup"])
+    assert phases[:3] == ["checks_done", "ray_connected", "trainer_started"], st["startup"]
+    assert phases[-1] == "first_step" and {"worker_entered", "model_built", "engine_ready", "data_opened"} <= set(phases)
+    times = list(st["startup"].values())
+    assert times == sorted(times) and times[0] > 0
 
 
 def test_logs_and_eval(job):
