@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import tracking
-from launcher.cluster import connect, scaling_kwargs
+from launcher.cluster import alive_nodes, connect, scaling_kwargs, wants_gpu
 from launcher.errors import UserError
 from launcher.jobs import JobDir, read_json, write_json_atomic
 from launcher.spec import JobSpec, dump_spec
@@ -86,14 +86,6 @@ def _torch_config(job: JobDir, spec: JobSpec, address: str | None, use_gpu: bool
     if address:
         return TorchConfig(**kw)
     return FileRendezvousConfig(**kw, rendezvous_dir=str(job.path / "rendezvous"))
-
-
-def _use_gpu(spec: JobSpec) -> bool:
-    if spec.cluster.device != "auto":
-        return spec.cluster.device == "cuda"
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) >= 1
 
 
 class _Progress:
@@ -182,7 +174,7 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
     try:
         connect(spec, address)
         startup["ray_connected"] = time.time()
-        use_gpu = _use_gpu(spec)
+        use_gpu = wants_gpu(spec, alive_nodes())  # the same rule validation applied to the cluster
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"job_dir": str(job.path), "spec": spec.to_dict(), "shards": str(shards),

@@ -122,5 +122,5 @@ def build_engine(model: nn.Module, cfg: EngineConfig, groups: ProcessGroups | No
         mpu=mpu,
         dist_init_required=False,
     )
-    safe_load.install(engine)  # DeepSpeed would unpickle its checkpoint files with weights_only=False
+    safe_load.install(engine)  # DeepSpeed's own loader unpickles without the weights-only guard
     return engine
