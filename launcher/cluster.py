@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from launcher.errors import SpecError
@@ -27,20 +28,30 @@ def resolve_address(flag: str | None, spec: JobSpec) -> str | None:
     return flag or spec.cluster.address or None
 
 
-def worker_env(spec: JobSpec) -> dict[str, str]:
-    """The environment every rank gets through Ray's runtime_env: `cluster.env` (NCCL_SOCKET_IFNAME, ...)."""
-    return {str(k): str(v) for k, v in (spec.cluster.env or {}).items()}
+def flight_recorder_env(job_dir: Path) -> dict[str, str]:
+    """NCCL's flight recorder on (as torchtitan has it): each rank keeps its last collectives and dumps them
+    to `<job>/flight_recorder/rank_<R>` when a collective times out, which a hang ends in. Unused by gloo."""
+    (job_dir / "flight_recorder").mkdir(parents=True, exist_ok=True)
+    return {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_FR_DUMP_TEMP_FILE": str(job_dir / "flight_recorder" / "rank_")}
 
 
-def connect(spec: JobSpec, address: str | None) -> None:
+def worker_env(spec: JobSpec, job_dir: Path | None = None) -> dict[str, str]:
+    """The environment every rank gets through Ray's runtime_env: the flight recorder's settings (for a job),
+    then `cluster.env` (NCCL_SOCKET_IFNAME, ...), which wins."""
+    base = flight_recorder_env(job_dir) if job_dir is not None else {}
+    return {**base, **{str(k): str(v) for k, v in (spec.cluster.env or {}).items()}}
+
+
+def connect(spec: JobSpec, address: str | None, job_dir: Path | None = None) -> None:
     """ray.init: joins the cluster at `address`, or starts the embedded one on this host, bound to loopback.
-    Either way every rank gets `cluster.env` (and, embedded, the loopback interface for gloo and NCCL)."""
+    Either way every rank gets `worker_env` (and, embedded, the loopback interface for gloo and NCCL)."""
     import ray
 
     if ray.is_initialized():
         return
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    env = worker_env(spec)
+    env = worker_env(spec, job_dir)
     if address:
         ray.init(address=address, runtime_env={"env_vars": env} if env else None, **quiet)
         return
@@ -105,6 +116,13 @@ def check_fits(spec: JobSpec, nodes: list[Node]) -> None:
     if sum(fits) < c.workers:
         raise SpecError("cluster.workers", f"{c.workers} workers × ({what}) do not fit the cluster: its nodes hold "
                                            f"{' + '.join(map(str, fits))} = {sum(fits)} ranks ({_describe(nodes)})")
+    if c.placement == "strict_pack" and max(fits) < c.workers:
+        raise SpecError("cluster.placement", f"strict_pack puts all {c.workers} ranks of ({what}) on one node, but "
+                                             f"the most one node holds is {max(fits)}; allowed here: pack, spread")
+    holders = sum(1 for f in fits if f)
+    if c.placement == "strict_spread" and holders < c.workers:
+        raise SpecError("cluster.placement", f"strict_spread puts each of the {c.workers} ranks on a node of its own, "
+                                             f"but {holders} nodes can hold a rank of ({what}); allowed here: pack, spread")
     groups = sum(f // tp for f in fits)
     if tp > 1 and groups < c.workers // tp:
         most = max(fits, default=0)

@@ -266,12 +266,16 @@ def status(job: JobDir) -> dict[str, Any]:
         "state": st,
         "step": max([r.get("step", 0) for r in reports] + [state.get("step", 0)]),
         "restarts": max(state.get("restarts", 0), _live_restarts(job)),
-        "workers": [{"rank": r["rank"], "host": r["host"], "pid": r["pid"], "node": r.get("node")} for r in reports],
+        "workers": [{"rank": r["rank"], "host": r["host"], "pid": r["pid"], "node": r.get("node"), "step": r.get("step")}
+                    for r in reports],
         "mlflow": state.get("mlflow", {}),
         "last_checkpoint": str(latest) if latest else None,
         "job_dir": str(job.path),
         "error": state.get("error"),
         "startup": startup_phases(state.get("startup") or {}, rank0.get("startup") or {}),
+        # a node was lost: what the job waits for and why (cleared when it resumes), and what it resumed on
+        "waiting": state.get("waiting"),
+        "resumed_on": state.get("resumed_on"),
     }
 
 

@@ -14,6 +14,7 @@ from launcher import tracking
 from launcher.cluster import alive_nodes, connect, scaling_kwargs, wants_gpu
 from launcher.errors import UserError
 from launcher.jobs import JobDir, read_json, write_json_atomic
+from launcher.node_agent import NodeAgents
 from launcher.spec import JobSpec, dump_spec
 from launcher.watchdog import Watchdog
 
@@ -143,77 +144,160 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
     prior = job.read_state()
     startup = {"driver_start": _process_start()}  # `status --json` shows the phases from here (imports included)
     job.update_state(name=job.name, state="PENDING", driver_pid=os.getpid(), driver_host=socket.gethostname(),
-                     job_dir=str(job.path), error=None, steps=spec.train.steps, startup=startup)
+                     job_dir=str(job.path), error=None, steps=spec.train.steps, startup=startup, waiting=None)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    server = None
     try:
-        # What no restart can fix is checked here, before Ray or any worker: a checkpoint that would run
-        # code, an unreachable tracking store, missing or damaged shards.
-        refuse_unsafe_checkpoint(job)
-        uri = tracking.resolve_uri(spec.tracking.uri, Path(spec.train.output_dir))
-        tracking.check_writable(uri)
-        tracking.probe(uri, spec.tracking.probe_timeout_s)
-        shards = resolve_shards(spec)
-        _verify_shards_upfront(spec, shards)
-        run_id = tracking.ensure_run(uri, spec.tracking.experiment, job.name, prior.get("mlflow", {}).get("run_id"))
-        tracking.log_params(uri, run_id, {**spec.flat(), "data.shards_resolved": str(shards)})
-        tracking.log_artifact(uri, run_id, job.spec)
-        if (shards / "tokenizer.json").is_file():
-            tracking.log_artifact(uri, run_id, shards / "tokenizer.json")
-        startup["checks_done"] = time.time()
-        job.update_state(mlflow={"tracking_uri": uri, "run_id": run_id}, startup=startup)
-    except UserError as e:
-        job.update_state(state="FAILED", error=str(e))
-        raise
-
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from launcher.worker import train_loop
-
-    state, error = "FAILED", None
-    try:
-        connect(spec, address)
-        startup["ray_connected"] = time.time()
-        use_gpu = wants_gpu(spec, alive_nodes())  # the same rule validation applied to the cluster
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"job_dir": str(job.path), "spec": spec.to_dict(), "shards": str(shards),
-                               "tracking_uri": uri, "run_id": run_id, "spec_hash": spec.hash()},
-            scaling_config=ScalingConfig(
-                num_workers=spec.cluster.workers, use_gpu=use_gpu,
-                resources_per_worker={"CPU": spec.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-                **scaling_kwargs(spec),
-            ),
-            # A collective waiting on a dead or frozen peer gives up after the hang timeout too.
-            torch_config=_torch_config(job, spec, address, use_gpu),
-            run_config=RunConfig(
-                name=job.name, storage_path=str(job.path / "ray"),
-                failure_config=FailureConfig(max_failures=spec.fault.max_restarts),
-            ),
-        )
-        startup["trainer_started"] = time.time()
-        job.update_state(state="RUNNING", startup=startup)
-        with _Progress(job, spec.train.steps, show_bar), Watchdog(job, spec.fault.hang_timeout_s):
-            result = trainer.fit()
-        fatal = read_json(job.fatal_file)  # a rank's own one-line cause beats Ray's traceback of it
-        error = fatal["error"] if fatal else getattr(result, "error", None)
-        state = "FAILED" if error else ("STOPPED" if job.stop_file.exists() else "SUCCEEDED")
-    except KeyboardInterrupt:
-        state, error = "STOPPED", "interrupted"
-    except Exception as e:  # noqa: BLE001 - recorded in state.json and shown by `status`
-        state, error = "FAILED", f"{type(e).__name__}: {e}"
-        log.exception("job failed")
+        try:
+            # What no restart can fix is checked here, before any worker: a checkpoint that would run code, an
+            # unreachable tracking store, missing or damaged shards.
+            refuse_unsafe_checkpoint(job)
+            server = _tracking_server(job, spec, address)
+            uri = server.uri if server else tracking.resolve_uri(spec.tracking.uri, Path(spec.train.output_dir))
+            tracking.check_writable(uri)
+            tracking.probe(uri, spec.tracking.probe_timeout_s)
+            shards = resolve_shards(spec)
+            _verify_shards_upfront(spec, shards)
+            run_id = tracking.ensure_run(uri, spec.tracking.experiment, job.name, prior.get("mlflow", {}).get("run_id"))
+            tracking.log_params(uri, run_id, {**spec.flat(), "data.shards_resolved": str(shards)})
+            tracking.log_artifact(uri, run_id, job.spec)
+            if (shards / "tokenizer.json").is_file():
+                tracking.log_artifact(uri, run_id, shards / "tokenizer.json")
+            startup["checks_done"] = time.time()
+            mlflow = {"tracking_uri": uri, "run_id": run_id, **({"store": server.store, "server": server.uri} if server else {})}
+            job.update_state(mlflow=mlflow, startup=startup)
+        except UserError as e:
+            job.update_state(state="FAILED", error=str(e))
+            raise
+        state, error = _fit(job, spec, address, show_bar, startup, {"shards": str(shards), "tracking_uri": uri, "run_id": run_id})
+        try:
+            tracking.set_terminated(uri, run_id, state)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not mark the MLflow run finished: %s", e)
     finally:
+        if server:
+            server.stop()  # the store stays in the job directory: status then names it as the tracking URI
+            job.update_state(mlflow={**job.read_state().get("mlflow", {}), "tracking_uri": server.store})
         _shutdown_ray(address)
     record = read_json(job.path / "attempts.json", {}) or {}
     restarts = prior_restarts + max(0, record.get("attempts", 1) - 1)
-    final = job.update_state(state=state, error=str(error) if error else None, restarts=restarts,
-                             step=max([r.get("step", 0) for r in job.worker_reports()] + [0]))
+    return job.update_state(state=state, error=str(error) if error else None, restarts=restarts,
+                            step=max([r.get("step", 0) for r in job.worker_reports()] + [0]))
+
+
+def _tracking_server(job: JobDir, spec: JobSpec, address: str | None):  # noqa: ANN202
+    """The job's own MLflow server on the head node when no tracking.uri is set and the ranks may span nodes."""
+    if spec.tracking.uri or not address:
+        return None
+    from launcher.cluster import per_rank
+    from launcher.tracking_server import HeadTrackingServer, spans_nodes
+
+    connect(spec, address, job.path)
+    nodes = alive_nodes()
+    if not spans_nodes(nodes, per_rank(spec, wants_gpu(spec, nodes))):
+        return None
+    server = HeadTrackingServer(job.path / "tracking")
+    log.info("the job spans nodes: MLflow server %s on the head node, store %s", server.uri, server.store)
+    return server
+
+
+def _fit(job: JobDir, spec: JobSpec, address: str | None, show_bar: bool, startup: dict[str, float],
+         config: dict[str, Any]) -> tuple[str, str | None]:
+    """Ray Train runs the worker group (restarting it after a crash or hang) until the job ends; a lost node
+    ends the group and the job goes on on the capacity there is (`launcher.node_watch`). (state, error)."""
+    from launcher.node_watch import (CONTROLLER_FILE, NodeWatch, capacity_after_loss, remove_placement_groups,
+                                     with_workers)
+
+    state, error, run_spec = "FAILED", None, spec
     try:
-        tracking.set_terminated(uri, run_id, state)
-    except Exception as e:  # noqa: BLE001
-        log.warning("could not mark the MLflow run finished: %s", e)
-    return final
+        connect(spec, address, job.path)
+        startup["ray_connected"] = time.time()
+        while True:
+            for stale in job.workers.glob("rank*.json"):  # a rank of a smaller group, or on a lost node
+                stale.unlink()
+            (job.path / CONTROLLER_FILE).unlink(missing_ok=True)
+            trainer = _trainer(job, run_spec, address, config)
+            startup.setdefault("trainer_started", time.time())
+            job.update_state(state="RUNNING", startup=startup, workers_now=run_spec.cluster.workers)
+            agents = NodeAgents()
+            result = None
+            try:
+                with (_Progress(job, spec.train.steps, show_bar), Watchdog(job, spec.fault.hang_timeout_s, agents=agents),
+                      NodeWatch(job, agents) as watch):
+                    try:
+                        result = trainer.fit()
+                    except Exception:  # noqa: BLE001 - the node watch ended the fit: its controller died
+                        if not watch.lost:
+                            raise
+            finally:
+                agents.stop()
+            if watch.lost:
+                log.info("removed %d placement group(s) of the ended worker group", remove_placement_groups())
+            if watch.lost and not _finished(job, spec):
+                run_spec = with_workers(spec, capacity_after_loss(job, spec, watch.lost))
+                continue
+            break
+        fatal = read_json(job.fatal_file)  # a rank's own one-line cause beats Ray's traceback of it
+        error = fatal["error"] if fatal else _explain(getattr(result, "error", None), run_spec)
+        state = "FAILED" if error else ("STOPPED" if job.stop_file.exists() else "SUCCEEDED")
+    except (KeyboardInterrupt, SystemExit):
+        state, error = "STOPPED", "interrupted"
+    except UserError as e:
+        state, error = "FAILED", str(e)
+    except Exception as e:  # noqa: BLE001 - recorded in state.json and shown by `status`
+        explained = _explain(e, run_spec)
+        state, error = "FAILED", explained if explained.startswith("cluster.") else f"{type(e).__name__}: {e}"
+        log.exception("job failed")
+    return state, error
+
+
+def _finished(job: JobDir, spec: JobSpec) -> bool:
+    from parallel import checkpoint_manifest
+
+    latest = checkpoint_manifest.latest_published(job.checkpoints)
+    return latest is not None and checkpoint_manifest.step_of(latest) >= spec.train.steps
+
+
+def _trainer(job: JobDir, spec: JobSpec, address: str | None, config: dict[str, Any]):  # noqa: ANN202
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from launcher.node_watch import RecordController
+    from launcher.worker import train_loop
+
+    use_gpu = wants_gpu(spec, alive_nodes())  # the same rule validation applied to the cluster
+    # Placement that never comes (resources the cluster does not have free) ends the fit after
+    # cluster.placement_timeout_s instead of being retried for ever.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(spec.cluster.placement_timeout_s)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"job_dir": str(job.path), "spec": spec.to_dict(), "spec_hash": spec.hash(), **config},
+        scaling_config=ScalingConfig(
+            num_workers=spec.cluster.workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": spec.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            **scaling_kwargs(spec),
+        ),
+        # A collective waiting on a dead or frozen peer gives up after the hang timeout too.
+        torch_config=_torch_config(job, spec, address, use_gpu),
+        run_config=RunConfig(
+            name=job.name, storage_path=str(job.path / "ray"),
+            failure_config=FailureConfig(max_failures=spec.fault.max_restarts, controller_failure_limit=0),
+            callbacks=[RecordController(str(job.path))],
+        ),
+    )
+
+
+def _explain(error: Any, spec: JobSpec) -> str | None:
+    """Ray Train's error, with what it means for the spec where we know."""
+    if error is None:
+        return None
+    text = f"{error}"
+    if "StartupTimeout" in type(error).__name__ or "startup timed out" in text:
+        c = spec.cluster
+        return (f"cluster.placement_timeout_s: the resources of {c.workers} workers × {c.cpus_per_worker} CPU"
+                f"{' + 1 GPU' if c.device == 'cuda' else ''} ({c.placement}) were not free within "
+                f"{c.placement_timeout_s:g} s (other jobs hold them, or the nodes that had them are gone)")
+    return text
 
 
 def _process_start() -> float:

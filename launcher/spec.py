@@ -30,6 +30,7 @@ class ClusterSection:
     oversubscribe: float = 4.0  # the embedded cluster runs at most this many worker CPUs (workers × cpus_per_worker) per host core
     env: dict[str, str] = field(default_factory=dict)  # every rank's environment (Ray runtime_env): NCCL_SOCKET_IFNAME, ...
     placement: str = "pack"  # pack | spread | strict_pack | strict_spread: Ray's placement of the ranks' bundles
+    placement_timeout_s: float = 600.0  # the ranks' resources must be free within this; else the job fails, saying why
     torch_threads: int | None = None  # None: cpus_per_worker
 
 
@@ -109,6 +110,8 @@ class FaultSection:
     nonfinite: str = "skip_step"  # skip_step | stop
     restart_backoff_s: float = 1.0  # the n-th restart of a driver session waits restart_backoff_s * 2**(n-1), at most 60 s
     checkpoint_errors: str = "fail"  # fail | continue (a failed intermediate checkpoint is logged and training goes on)
+    elastic: bool = False  # a node lost: true resumes on the capacity left (fewer DP ranks); false waits for it to return
+    node_wait_s: float = 600.0  # how long a job that lost a node waits for capacity before it fails
 
 
 @dataclass

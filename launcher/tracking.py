@@ -166,6 +166,8 @@ class MetricLogger:
 
         self._steps_since_flush = 0
         if self.errors != self._reported_errors:
+            # one count, the newest: a failed flush must not leave an older one behind to be sent with it
+            self._buf = [m for m in self._buf if m.key != "tracking_errors"]
             self._buf.append(Metric("tracking_errors", float(self.errors), int(time.time() * 1000), self._last_step))
         try:
             while self._buf:

@@ -79,7 +79,8 @@ def validate(spec: JobSpec, address: str | None = None) -> None:
     _positive(spec, ["train.eval_every", "train.checkpoint_every", "optim.warmup_steps"], 0)
     _positive(spec, ["optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "fault.max_restarts"], 0)
     _positive(spec, ["fault.hang_timeout_s"], 1)
-    _positive(spec, ["fault.restart_backoff_s"], 0)
+    _positive(spec, ["fault.restart_backoff_s", "fault.node_wait_s"], 0)
+    _positive(spec, ["cluster.placement_timeout_s"], 1)
     _positive(spec, ["tracking.probe_timeout_s", "cluster.oversubscribe"], 0.001)
     _positive(spec, ["data.verify_upfront_mb"], 0)
     for key, most in AT_MOST.items():

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import models
 from data_pipeline import DataError, TokenStream, load_manifest, make_loader, val_batches
-from launcher import tracking
+from launcher import fault_injection, tracking
 from launcher.errors import UserError
 from launcher.jobs import Heartbeat, JobDir, read_json, report_worker, write_json_atomic
 from launcher.spec import JobSpec, spec_from_dict
@@ -406,10 +406,12 @@ def _checkpoint(run: _Run, final: bool) -> None:
         # Metrics up to a checkpoint must be stored before it: a restart re-logs only the steps after it.
         run.logger.flush()
     try:
+        started = time.time()
         with _busy(run):  # writing (and fsyncing) a large checkpoint can outlast fault.hang_timeout_s
+            time.sleep(fault_injection.checkpoint_delay_s(run.step))
             path = checkpoint.save(run.engine, run.job.checkpoints, run.step, client, meta,
                                    keep=run.spec.train.keep_checkpoints)
-        log.info("checkpoint %s", path)
+        log.info("checkpoint %s in %.1f s", path, time.time() - started)
     except checkpoint.CheckpointWriteError as e:
         log.error("%s", e)
         if run.logger:

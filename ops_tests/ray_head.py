@@ -35,8 +35,9 @@ class RayHead:
     """`single_machine`: Ray keeps every server on 127.0.0.1 and refuses other nodes; False for a cluster
     that other raylets join (`add_node`), which Ray then reaches through the host's address."""
 
-    def __init__(self, num_cpus: int = 8, single_machine: bool = True):
+    def __init__(self, num_cpus: int = 8, single_machine: bool = True, system_env: dict[str, str] | None = None):
         self.num_cpus, self.single_machine = num_cpus, single_machine
+        self.system_env = system_env or {}  # RAY_<config> overrides for the head's GCS (e.g. health checks)
         self.temp_dir: Path | None = None
         self.address: str | None = None
 
@@ -75,7 +76,7 @@ class RayHead:
         out = self.temp_dir / "ray_start.log"
         with open(out, "w") as f:
             r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               env={**env, **self.env()}, timeout=300)
+                               env={**env, **self.env(), **self.system_env}, timeout=300)
         if r.returncode != 0:
             output = out.read_text()
             self.stop()
@@ -104,6 +105,37 @@ class RayHead:
                                env={**env, **self.env()}, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"ray start --address failed ({r.returncode}):\n{out.read_text()}")
+
+    def node_table(self) -> list[dict]:
+        """`ray.nodes()` of this cluster, read by a short-lived driver (this process never joins a cluster)."""
+        import json
+
+        code = ("import json, ray; ray.init(address=%r, log_to_driver=False, include_dashboard=False); "
+                "print('NODES', json.dumps(ray.nodes()))" % self.address)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **self.env()},
+                           timeout=120)
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("NODES ")), None)
+        if line is None:
+            raise RuntimeError(f"could not list the nodes of {self.address}:\n{r.stderr[-3000:]}")
+        return json.loads(line[len("NODES "):])
+
+    def node_with(self, resource: str) -> dict:
+        """The alive node that declares the custom resource `resource`."""
+        return next(n for n in self.node_table() if n["Alive"] and resource in n["Resources"])
+
+    def stop_node(self, node: dict) -> None:
+        """Ends one worker node as a machine loss would: its raylet and every process under it, SIGKILLed."""
+        mark = f"--raylet_socket_name={node['RayletSocketName']}"
+        raylets = [p for p in self.processes() if mark in (p.cmdline() or [])]
+        assert raylets, f"no raylet with {mark}"
+        procs = [q for p in raylets for q in (p, *p.children(recursive=True))]
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
 
     def processes(self) -> list[psutil.Process]:
         """The processes that name the temp dir on their command line, and their children."""

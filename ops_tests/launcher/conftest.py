@@ -27,6 +27,22 @@ def shared_ray():
 
 
 @pytest.fixture(scope="session")
+def two_nodes():
+    """A real multi-node Ray cluster on this machine: a head with no CPUs (it runs the drivers' and Ray's own
+    actors, never a rank) and two worker raylets (`ray start --address`), each declaring 2 logical CPUs, 2 GPUs
+    and its own custom resource (`node_a`, `node_b`) so tests can tell which node a rank landed on. The GPUs
+    are declared, not real: Ray schedules by them, nothing runs CUDA (CPU jobs set cluster.device=cpu)."""
+    head = ray_head.RayHead(num_cpus=0, single_machine=False)
+    head.start()
+    try:
+        for name in ("node_a", "node_b"):
+            head.add_node(num_cpus=2, num_gpus=2, resources={name: 1})
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="session")
 def small_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from data_pipeline import prepare
 

@@ -22,13 +22,14 @@ STEPS = 40
 pytestmark = pytest.mark.slow
 
 
-def launcher(*args: str, home: Path, timeout: float = 600, embedded: bool = False) -> subprocess.CompletedProcess:
-    """The real CLI in a subprocess. `submit` and `resume` join the test run's one shared Ray cluster
-    (`--address`, see ops_tests/ray_head.py and the `shared_ray` fixture) unless `embedded`: then the job
-    starts its own local cluster in-process, as README's first command does."""
+def launcher(*args: str, home: Path, timeout: float = 600, embedded: bool = False,
+             cluster: ray_head.RayHead | None = None) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess. `submit` and `resume` join `cluster`, by default the test run's one shared
+    Ray cluster (`--address`, see ops_tests/ray_head.py and the `shared_ray` fixture), unless `embedded`: then
+    the job starts its own local cluster in-process, as README's first command does."""
     env = {**os.environ, "LMFORGE_HOME": str(home)}
     if args and args[0] in ("submit", "resume") and not embedded:
-        head = ray_head.session_cluster()
+        head = cluster or ray_head.session_cluster()
         args = (*args, "--address", head.address)
         env.update(head.env())
     return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
