@@ -186,18 +186,23 @@ def run_job(job: JobDir, spec: JobSpec, address: str | None = None, show_bar: bo
 
 
 def _tracking_server(job: JobDir, spec: JobSpec, address: str | None):  # noqa: ANN202
-    """The job's own MLflow server on the head node when no tracking.uri is set and the ranks may span nodes."""
-    if spec.tracking.uri or not address:
+    """The job's own MLflow server on the head node when no tracking.uri is set and the ranks may span nodes,
+    or an earlier run of the job made its store (a resume on one node continues that run: its artifacts are
+    served by a server, `mlflow-artifacts:` URIs, which a plain sqlite client cannot write)."""
+    if spec.tracking.uri:
         return None
     from launcher.cluster import per_rank
     from launcher.tracking_server import HeadTrackingServer, spans_nodes
 
+    own_store = (job.path / "tracking" / "mlflow.db").is_file()
+    if not address and not own_store:
+        return None
     connect(spec, address, job.path)
     nodes = alive_nodes()
-    if not spans_nodes(nodes, per_rank(spec, wants_gpu(spec, nodes))):
+    if not own_store and not spans_nodes(nodes, per_rank(spec, wants_gpu(spec, nodes))):
         return None
     server = HeadTrackingServer(job.path / "tracking")
-    log.info("the job spans nodes: MLflow server %s on the head node, store %s", server.uri, server.store)
+    log.info("MLflow server %s on the head node, store %s", server.uri, server.store)
     return server
 
 

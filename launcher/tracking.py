@@ -129,10 +129,14 @@ class MetricLogger:
     Training never fails because tracking does: a flush that cannot reach the store keeps its metrics and
     sends them with the next one (oldest first, at most `max_buffered`; beyond that the oldest are dropped
     and counted), and the first flush that gets through also logs `tracking_errors`, the failed flushes so
-    far."""
+    far. With `spill`, what a failed flush kept is also written there (JSON), and the next logger of the run
+    (the rank 0 of a restarted group, which resumes from a checkpoint published while the store was down)
+    starts from it: a restart does not lose metrics the store never got."""
 
-    def __init__(self, uri: str, run_id: str, flush_every: int = 10, max_buffered: int = 1_000_000):
+    def __init__(self, uri: str, run_id: str, flush_every: int = 10, max_buffered: int = 1_000_000,
+                 spill: Path | None = None):
         self.uri, self.run_id, self.flush_every, self.max_buffered = uri, run_id, flush_every, max_buffered
+        self.spill = spill
         if uri.startswith(("http://", "https://")):
             # MLflow's client retries an unreachable server for minutes inside one call; a step must not wait
             # that long: fail the flush fast and retry at the next one (a user's own settings win).
@@ -145,6 +149,35 @@ class MetricLogger:
         self.dropped = 0  # metrics dropped because the buffer was full
         self._reported_errors = 0
         self._last_step = 0
+        self._load_spill()
+
+    def _load_spill(self) -> None:
+        import json
+
+        from mlflow.entities import Metric
+
+        if self.spill is None or not self.spill.is_file():
+            return
+        try:
+            kept = json.loads(self.spill.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("could not read the metrics kept in %s: %s", self.spill, e)
+            return
+        self._buf = [Metric(k, v, ts, step) for k, v, ts, step in kept["metrics"]] + self._buf
+        self.errors, self._reported_errors = int(kept["errors"]), int(kept["reported"])
+        self._last_step = max([self._last_step] + [m.step for m in self._buf])
+        log.info("%d metrics an earlier attempt could not send (%s) will be sent", len(kept["metrics"]), self.spill)
+
+    def _write_spill(self) -> None:
+        from launcher.jobs import write_json_atomic
+
+        if self.spill is None:
+            return
+        try:
+            write_json_atomic(self.spill, {"errors": self.errors, "reported": self._reported_errors,
+                                           "metrics": [[m.key, m.value, m.timestamp, m.step] for m in self._buf]})
+        except OSError as e:  # a full disk: the metrics stay in memory
+            log.warning("could not keep unsent metrics in %s: %s", self.spill, e)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -177,8 +210,11 @@ class MetricLogger:
             self.errors += 1
             log.warning("MLflow store %s unreachable (%s); %d metrics kept for the next flush (failed flushes: %d)",
                         self.uri, type(e).__name__, len(self._buf), self.errors)
+            self._write_spill()
             return False
         self._reported_errors = self.errors
+        if self.spill is not None:
+            self.spill.unlink(missing_ok=True)
         return True
 
 

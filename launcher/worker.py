@@ -299,7 +299,7 @@ def _open_tracking(run: _Run) -> None:
     """Rank 0: the MLflow metric logger and system-metrics sampler; records the restart count."""
     uri, run_id = run.config["tracking_uri"], run.config["run_id"]
     if run.rank == 0:
-        run.logger = tracking.MetricLogger(uri, run_id)
+        run.logger = tracking.MetricLogger(uri, run_id, spill=run.job.path / "unsent_metrics.json")
         if run.spec.tracking.system_metrics:
             run.system = tracking.SystemMetrics(uri, run_id)
     if run.logger:

@@ -11,10 +11,10 @@ import pytest
 from test_launcher_e2e import LOCAL, launcher, status
 
 pytestmark = pytest.mark.slow
-STEPS = 12
-# One job resized twice: checkpointed on 2 workers at step 4, resumed on 1 to step 8, then on 2 to the end.
-# Each resize is one of the cases below; both read the same job.
-LEGS = [(2, 4), (1, 8), (2, STEPS)]  # (workers, train.steps) of the submit and the two resumes
+STEPS = 8
+# One job resized: checkpointed on 1 worker at step 4, resumed on 2 to the end. (Shrinking, 2 -> 1, is the
+# node-loss test's elastic resume: ops_tests/launcher/test_launcher_node_loss.py.)
+LEGS = [(1, 4), (2, STEPS)]  # (workers, train.steps) of the submit and the resume
 
 
 def _args(home: Path, steps: int, workers: int) -> list[str]:
@@ -63,7 +63,7 @@ def resized(tmp_path_factory) -> dict:
     return {"home": home, "legs": legs}
 
 
-@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("before,after", [(1, 2)])
 def test_resume_on_another_worker_count_consumes_exactly_the_same_samples(uninterrupted, resized, before, after):
     home, leg = resized["home"], resized["legs"][(before, after)]
     st = leg["status"]

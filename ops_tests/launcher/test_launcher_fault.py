@@ -236,9 +236,10 @@ def test_sigstop_hang_is_detected_and_recovered(faulted):
     assert f"pid {victim['pid']}" in log and "no heartbeat" in log
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_previous(reference, two_nodes):
+def test_corrupt_newest_checkpoint_falls_back_to_previous(reference):
     """Continues the reference job (its params and losses were read when it ended): its newest checkpoint
-    is torn, and a resume falls back to the one before."""
+    is torn, and a resume falls back to the one before. The resume runs on the one-node shared cluster, and
+    tracks into the same MLflow run, in the store the job's server kept in its directory."""
     home = reference["home"]
     ckpts = home / "runs" / "ref" / "checkpoints"
     newest, previous = ckpts / f"step_{STEPS}", ckpts / f"step_{STEPS - CHECKPOINT_EVERY}"
@@ -246,13 +247,14 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(reference, two_nodes):
     victim = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
-    r = launcher("resume", "ref", "--set", f"train.steps={STEPS + 5}", home=home, cluster=two_nodes)
+    r = launcher("resume", "ref", "--set", f"train.steps={STEPS + 5}", home=home)
     assert r.returncode == 0, r.stderr[-4000:]
     rank0 = (home / "runs" / "ref" / "logs" / "rank0.log").read_text()
     assert f"skipping checkpoint {newest}" in rank0 and "size mismatch" in rank0
     assert f"resumed from {previous} at step {STEPS - CHECKPOINT_EVERY}" in rank0
     assert status("ref", home)["step"] == STEPS + 5
     assert sorted(_losses(home, "ref")) == list(range(STEPS + 5))
+    assert status("ref", home)["mlflow"]["tracking_uri"] == reference["status"]["mlflow"]["store"]
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip_step"])

@@ -109,7 +109,8 @@ def test_resources_that_never_come_free_end_the_job_after_the_placement_timeout(
     try:
         assert holder.stdout.readline().strip() == "holding"
         r = _submit(two_nodes, tmp_path, LOCAL, "cluster.workers=4", "cluster.cpus_per_worker=1", "cluster.device=cpu",
-                    "cluster.placement_timeout_s=5", "train.steps=2", "data.global_batch=32")
+                    "cluster.placement_timeout_s=5", "train.steps=2", "data.global_batch=32",
+                    f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
     finally:
         holder.kill()
         holder.wait()

@@ -19,7 +19,8 @@ def test_metrics_survive_a_tracking_server_outage(tmp_path):
     try:
         client = MlflowClient(server.uri)
         run_id = client.create_run(client.create_experiment("outage")).info.run_id
-        logger = MetricLogger(server.uri, run_id, flush_every=1)
+        spill = tmp_path / "unsent.json"
+        logger = MetricLogger(server.uri, run_id, flush_every=1, spill=spill)
         for step in range(3):
             logger.log(step, {"loss": 10.0 - step})
         assert logger.errors == 0
@@ -34,5 +35,19 @@ def test_metrics_survive_a_tracking_server_outage(tmp_path):
         history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
         assert history == [(s, 10.0 - s) for s in range(7)]
         assert [m.value for m in client.get_metric_history(run_id, "tracking_errors")] == [3]  # the newest count only
+        assert not spill.exists()
+
+        # Down again, and this logger's process dies with a metric unsent: the next attempt's logger sends it.
+        server.stop()
+        logger.log(7, {"loss": 3.0})
+        assert spill.is_file()
+        del logger
+        server.start()
+        successor = MetricLogger(server.uri, run_id, flush_every=1, spill=spill)
+        successor.log(8, {"loss": 2.0})
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+        assert history == [(s, 10.0 - s) for s in range(9)]
+        assert [m.value for m in client.get_metric_history(run_id, "tracking_errors")] == [3, 4]
+        assert not spill.exists()
     finally:
         server.stop()
