@@ -15,7 +15,6 @@ import json
 import os
 import re
 import socket
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kernels.fileio import atomic_write
+from launcher.background import BackgroundLoop
 from launcher.errors import JobError
 
 STATES = ("PENDING", "RUNNING", "RESTARTING", "SUCCEEDED", "FAILED", "STOPPED")
@@ -172,16 +172,17 @@ def report_worker(job: JobDir, rank: int, step: int, **extra: Any) -> None:
     )
 
 
-class Heartbeat:
+class Heartbeat(BackgroundLoop):
     """Renews a rank's last report every `every_s` while a long phase runs (building the model, verifying and
     loading a checkpoint, writing one), so the watchdog judges a rank that is stuck, not one that is busy.
     A stopped process's threads stop with it: a frozen rank still goes silent. A deadlocked collective ends
     at the process group's timeout (fault.hang_timeout_s) and raises."""
 
+    thread_name = "lmforge-heartbeat"
+
     def __init__(self, job: JobDir, rank: int, every_s: float):
-        self.path, self.every_s = job.workers / f"rank{rank}.json", every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lmforge-heartbeat", daemon=True)
+        self.path, self.every_s, self.join_s = job.workers / f"rank{rank}.json", every_s, every_s + 5
+        super().__init__()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
@@ -191,14 +192,6 @@ class Heartbeat:
                     write_json_atomic(self.path, {**report, "heartbeat": time.time()})
                 except OSError:  # a full disk: the phase reports it; meanwhile the watchdog may act
                     pass
-
-    def __enter__(self) -> "Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.every_s + 5)
 
 
 @contextmanager

@@ -29,6 +29,15 @@ def wrote_report(report: dict) -> bool:
         return False
 
 
+def kill_pid(pid: int) -> bool:
+    """SIGKILL (it also ends a SIGSTOPped process); False if the process was gone."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 class _Agent:
     def node_id(self) -> str:
         import ray
@@ -38,13 +47,7 @@ class _Agent:
     def kill_if_wrote(self, pid: int, heartbeat: float) -> bool:
         """SIGKILL `pid` if it is the process that wrote a report at `heartbeat` (a dead rank's pid may have
         been reused by a process started later). SIGKILL also ends a SIGSTOPped process."""
-        if not wrote_report({"pid": pid, "heartbeat": heartbeat}):
-            return False
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return False
-        return True
+        return wrote_report({"pid": pid, "heartbeat": heartbeat}) and kill_pid(pid)
 
 
     def stopped(self, pids: list[int]) -> list[int]:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from ray.train.v2._internal.execution.callback import ControllerCallback  # DeveloperAPI: RunConfig(callbacks=)
 
+from launcher.background import BackgroundLoop
 from launcher.cluster import Node, alive_nodes, check_fits
 from launcher.errors import SpecError, UserError
 from launcher.jobs import JobDir, read_json, write_json_atomic
@@ -44,23 +44,16 @@ class RecordController(ControllerCallback):
             "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "time": time.time()})
 
 
-class NodeWatch:
+class NodeWatch(BackgroundLoop):
     """A driver thread: `lost` is set (and the fit ended) once a node running a current rank is gone."""
+
+    thread_name = "lmforge-node-watch"
 
     def __init__(self, job: JobDir, agents: NodeAgents, poll_s: float = 1.0,
                  nodes: Callable[[], list[Node]] = alive_nodes):
         self.job, self.agents, self.poll, self._nodes = job, agents, poll_s, nodes
         self.lost: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lmforge-node-watch", daemon=True)
-
-    def __enter__(self) -> "NodeWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        super().__init__()
 
     def _running_on(self) -> set[str]:
         """Nodes that ran a rank of this fit (the driver clears the reports before each fit): a rank restarted

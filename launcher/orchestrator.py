@@ -5,12 +5,12 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from launcher import tracking
+from launcher.background import BackgroundLoop
 from launcher.cluster import alive_nodes, connect, scaling_kwargs, wants_gpu
 from launcher.errors import UserError
 from launcher.jobs import JobDir, read_json, write_json_atomic
@@ -89,21 +89,14 @@ def _torch_config(job: JobDir, spec: JobSpec, address: str | None, use_gpu: bool
     return FileRendezvousConfig(**kw, rendezvous_dir=str(job.path / "rendezvous"))
 
 
-class _Progress:
+class _Progress(BackgroundLoop):
     """Polls the ranks' heartbeat files and shows step and loss (rich bar on a terminal, log lines otherwise)."""
+
+    thread_name, join_s = "lmforge-progress", 5.0
 
     def __init__(self, job: JobDir, total: int, show_bar: bool):
         self.job, self.total, self.show_bar = job, total, show_bar
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=5)
+        super().__init__()
 
     def _latest(self) -> tuple[int, float | None]:
         reports = self.job.worker_reports()
@@ -243,15 +236,15 @@ def _fit(job: JobDir, spec: JobSpec, address: str | None, show_bar: bool, startu
                 continue
             break
         fatal = read_json(job.fatal_file)  # a rank's own one-line cause beats Ray's traceback of it
-        error = fatal["error"] if fatal else _explain(getattr(result, "error", None), run_spec)
+        failed = getattr(result, "error", None)
+        error = fatal["error"] if fatal else (failed and (_placement_timeout(failed, run_spec) or str(failed)))
         state = "FAILED" if error else ("STOPPED" if job.stop_file.exists() else "SUCCEEDED")
     except (KeyboardInterrupt, SystemExit):
         state, error = "STOPPED", "interrupted"
     except UserError as e:
         state, error = "FAILED", str(e)
     except Exception as e:  # noqa: BLE001 - recorded in state.json and shown by `status`
-        explained = _explain(e, run_spec)
-        state, error = "FAILED", explained if explained.startswith("cluster.") else f"{type(e).__name__}: {e}"
+        state, error = "FAILED", _placement_timeout(e, run_spec) or f"{type(e).__name__}: {e}"
         log.exception("job failed")
     return state, error
 
@@ -292,17 +285,14 @@ def _trainer(job: JobDir, spec: JobSpec, address: str | None, config: dict[str, 
     )
 
 
-def _explain(error: Any, spec: JobSpec) -> str | None:
-    """Ray Train's error, with what it means for the spec where we know."""
-    if error is None:
+def _placement_timeout(error: BaseException, spec: JobSpec) -> str | None:
+    """The one-line cause when Ray Train's error (returned or raised) is its worker-group start timeout."""
+    if "StartupTimeout" not in type(error).__name__ and "startup timed out" not in f"{error}":
         return None
-    text = f"{error}"
-    if "StartupTimeout" in type(error).__name__ or "startup timed out" in text:
-        c = spec.cluster
-        return (f"cluster.placement_timeout_s: the resources of {c.workers} workers × {c.cpus_per_worker} CPU"
-                f"{' + 1 GPU' if c.device == 'cuda' else ''} ({c.placement}) were not free within "
-                f"{c.placement_timeout_s:g} s (other jobs hold them, or the nodes that had them are gone)")
-    return text
+    c = spec.cluster
+    return (f"cluster.placement_timeout_s: the resources of {c.workers} workers × {c.cpus_per_worker} CPU"
+            f"{' + 1 GPU' if c.device == 'cuda' else ''} ({c.placement}) were not free within "
+            f"{c.placement_timeout_s:g} s (other jobs hold them, or the nodes that had them are gone)")
 
 
 def _process_start() -> float:

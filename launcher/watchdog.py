@@ -13,19 +13,19 @@ It also keeps `state.json` between RUNNING and RESTARTING as worker groups come 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
-import threading
 import time
 
+from launcher.background import BackgroundLoop
 from launcher.jobs import JobDir, append_jsonl, pid_alive, read_json
-from launcher.node_agent import NodeAgents, wrote_report
+from launcher.node_agent import NodeAgents, kill_pid, wrote_report
 
 log = logging.getLogger("lmforge." + __name__)
 
 
-class Watchdog:
+class Watchdog(BackgroundLoop):
+    thread_name = "lmforge-watchdog"
+
     def __init__(self, job: JobDir, hang_timeout_s: float, poll_s: float | None = None,
                  agents: NodeAgents | None = None):
         self.job, self.timeout, self.agents = job, hang_timeout_s, agents
@@ -34,17 +34,8 @@ class Watchdog:
         self._killed: set[tuple[int, float]] = set()  # (pid, heartbeat) of reports already acted on
         self._nodes: set[str] = set()  # nodes whose agent was started
         self._quiet_until = 0.0  # after a kill: time for the group to restart before judging its other ranks
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lmforge-watchdog", daemon=True)
         self._host = socket.gethostname()
-
-    def __enter__(self) -> "Watchdog":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        super().__init__()
 
     def _attempts(self) -> int:
         return (read_json(self.job.path / "attempts.json", {}) or {}).get("attempts", 0)
@@ -97,7 +88,7 @@ class Watchdog:
         if self.agents is not None and node:
             killed, where = self.agents.kill(node, report["pid"], report["heartbeat"])
         elif report["host"] == self._host and wrote_report(report):
-            killed, where = _kill_here(report["pid"]), self._host
+            killed, where = kill_pid(report["pid"]), self._host
         else:
             return False
         if not killed:
@@ -113,11 +104,3 @@ class Watchdog:
         except OSError as e:  # a full disk must not stop the watchdog from killing hung ranks
             log.warning("could not record the kill in %s: %s", self.job.hangs_file, e)
         return True
-
-
-def _kill_here(pid: int) -> bool:
-    try:
-        os.kill(pid, signal.SIGKILL)  # also ends a SIGSTOPped process
-    except ProcessLookupError:
-        return False
-    return True
