@@ -189,9 +189,12 @@ def _validate_model(spec: JobSpec) -> None:
     if spec.model.preset not in presets:
         raise SpecError("model.preset", f"unknown preset {spec.model.preset!r} for {spec.model.arch}; allowed: {', '.join(presets)}")
     try:
-        model_config(spec, vocab_size=spec.data.vocab_size)
+        cfg = model_config(spec, vocab_size=spec.data.vocab_size)
     except (ValueError, TypeError) as e:
         raise SpecError("model", str(e)) from None
+    if cfg.max_seq_len < spec.data.seq_len:  # e.g. a learned position table shorter than the samples
+        raise SpecError("model.max_seq_len", f"{cfg.max_seq_len} is shorter than data.seq_len ({spec.data.seq_len}); "
+                                             f"allowed: >= {spec.data.seq_len}")
 
 
 def model_config(spec: JobSpec, vocab_size: int):

@@ -408,7 +408,7 @@ def _checkpoint(run: _Run, final: bool) -> None:
     try:
         started = time.time()
         with _busy(run):  # writing (and fsyncing) a large checkpoint can outlast fault.hang_timeout_s
-            time.sleep(fault_injection.checkpoint_delay_s(run.step))
+            time.sleep(fault_injection.checkpoint_delay_s(run.step, run.attempt))
             path = checkpoint.save(run.engine, run.job.checkpoints, run.step, client, meta,
                                    keep=run.spec.train.keep_checkpoints)
         log.info("checkpoint %s in %.1f s", path, time.time() - started)

@@ -11,6 +11,7 @@ from models.registry import ModelDims, ModelSpec, PipeBlock, build, get_spec, ma
 import models.transformer  # noqa: F401  (registers "transformer")
 import models.deltanet  # noqa: F401  (registers "deltanet")
 import models.moeut  # noqa: F401  (registers "moeut")
+import models.rmt  # noqa: F401  (registers "rmt")
 
 __all__ = ["ContextParallelCore", "ExpertBank", "ModelDims", "ModelSpec", "PipeBlock", "SequenceCore", "build",
            "get_spec", "make_config", "names", "register"]

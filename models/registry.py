@@ -103,6 +103,9 @@ class ModelSpec:
     flops_per_token: Callable[[Any, int], float] | None = None  # (cfg, seq_len) -> training FLOPs per token
     # (cfg, aux) -> loss term, for models whose training forward returns (logits, aux); None: aux.sum()
     aux_loss: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+    # cfg -> z-loss coefficient: the training loss adds coef · mean logsumexp(logits)² (PaLM), computed by
+    # the loss function (over the vocabulary shards under TP), recorded with the aux terms; None or 0: none
+    z_loss: Callable[[Any], float] | None = None
     # (model or any module containing its layers, sum over data-parallel ranks) -> metrics gathered by the
     # forward passes since the last call (e.g. expert load); collective through the sum, so every rank calls it
     step_metrics: Callable[[nn.Module, Callable[[torch.Tensor], torch.Tensor]], dict[str, float]] | None = None

@@ -20,8 +20,8 @@ from parallel.context import apply_context_parallel
 from parallel.expert import apply_expert_parallel
 from parallel.materialize import materialize
 from parallel.pipeline import build_pipeline, stage_bounds
-from parallel.step import ModelLoss, lm_loss
-from parallel.tensor import vocab_parallel_loss
+from parallel.step import ModelLoss, lm_loss, logsumexp
+from parallel.tensor import vocab_parallel_logsumexp, vocab_parallel_loss
 from parallel.topology import ProcessGroups
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,11 +50,12 @@ def parallelize(model: nn.Module, arch: str, groups: ProcessGroups, *, seed: int
         raise ValueError("parallelize: a model on the meta device needs the seed to initialise it from")
     rules = model.init_rules() if on_meta else None  # from the full shapes, before anything is cut
     loss_fn: LossFn = lm_loss
+    lse = logsumexp
     if topo.tp > 1:
         if spec.tp_plan is None:
             raise ValueError(f"model arch {arch!r} declares no tensor-parallel plan; tp must be 1")
         apply_tensor_parallel(model, spec.tp_plan, groups["tp"], sequence_parallel=sequence_parallel)
-        loss_fn = vocab_parallel_loss(groups["tp"])
+        loss_fn, lse = vocab_parallel_loss(groups["tp"]), vocab_parallel_logsumexp(groups["tp"])
     elif sequence_parallel:
         raise ValueError("sequence_parallel shards activations over the TP group: it needs tp > 1")
     if topo.cp > 1:
@@ -73,7 +74,8 @@ def parallelize(model: nn.Module, arch: str, groups: ProcessGroups, *, seed: int
         materialize(model, _kept_modules(model, spec, groups, partition), rules, seed,
                     tp_group=groups["tp"] if topo.tp > 1 else None, ep_group=groups["ep"] if topo.ep > 1 else None)
     aux_loss = functools.partial(spec.aux_loss, model.cfg) if spec.aux_loss is not None else None
-    loss = ModelLoss(loss_fn, aux_loss)  # one loss (and one record of aux terms) for every layout
+    z_loss = spec.z_loss(model.cfg) if spec.z_loss is not None else 0.0
+    loss = ModelLoss(loss_fn, aux_loss, z_loss, lse)  # one loss (and one record of aux terms) for every layout
     if topo.pp > 1:
         if spec.pipeline_blocks is None:
             raise ValueError(f"model arch {arch!r} declares no pipeline blocks; pp must be 1")

@@ -18,13 +18,22 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """log Σ exp over the vocabulary (the last dim), in fp32."""
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
 class ModelLoss:
     """The loss over a model's declared outputs: logits, or `(logits, aux)` in training when the arch
-    declares `ModelSpec.aux_loss` — then loss_fn(logits) + aux_loss(aux). Records each aux term, which
-    the training loop takes for logging (`take_aux_terms`)."""
+    declares `ModelSpec.aux_loss` — then loss_fn(logits) + aux_loss(aux). With a z-loss coefficient
+    (`ModelSpec.z_loss`), where gradients flow (training, not evaluation) it adds
+    coef · mean(logsumexp(logits)²), `lse` being the layout's logsumexp (vocab-parallel under TP).
+    Records each aux/z term, which the training loop takes for logging (`take_aux_terms`)."""
 
-    def __init__(self, loss_fn: LossFn, aux_loss: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, loss_fn: LossFn, aux_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 z_loss: float = 0.0, lse: Callable[[torch.Tensor], torch.Tensor] = logsumexp):
         self.loss_fn, self.aux_loss = loss_fn, aux_loss
+        self.z_loss, self.lse = z_loss, lse
         self._terms: list[torch.Tensor] = []
 
     @property
@@ -38,9 +47,15 @@ class ModelLoss:
                 raise TypeError("the model returned (logits, aux) but its arch declares no aux_loss")
             logits, aux = outputs
             term = self.aux_loss(aux)
-            self._terms.append(term.detach())
-            return self.loss_fn(logits, targets) + term
-        return self.loss_fn(outputs, targets)
+        else:
+            logits, term = outputs, None
+        if self.z_loss and logits.requires_grad:
+            z = self.z_loss * self.lse(logits).square().mean()
+            term = z if term is None else term + z
+        if term is None:
+            return self.loss_fn(logits, targets)
+        self._terms.append(term.detach())
+        return self.loss_fn(logits, targets) + term
 
     def take_aux_terms(self) -> list[torch.Tensor]:
         """The aux terms of the calls since the last take (on ranks that compute the loss)."""

@@ -225,6 +225,33 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return g * (grad / idx.numel()), None, None, None
 
 
+class _VocabParallelLogSumExp(torch.autograd.Function):
+    """log Σ exp over logits split on the vocabulary (fp32); the backward is local (softmax of the shard)."""
+
+    @staticmethod
+    def forward(ctx, logits, group):  # noqa: ANN001
+        logits = logits.float()
+        m = logits.max(dim=-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        sum_exp = (logits - m.unsqueeze(-1)).exp().sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        lse = m + sum_exp.log()
+        ctx.save_for_backward(logits, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        logits, lse = ctx.saved_tensors
+        return (logits - lse.unsqueeze(-1)).exp() * grad.unsqueeze(-1), None
+
+
+def vocab_parallel_logsumexp(group):  # noqa: ANN001
+    """A logsumexp over the last dim for vocab-sharded logits: equals torch.logsumexp of the full logits."""
+    def lse(logits: torch.Tensor) -> torch.Tensor:
+        return _VocabParallelLogSumExp.apply(logits, group)
+    return lse
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group) -> torch.Tensor:  # noqa: ANN001
     """Equals F.cross_entropy(full_logits.flatten(0, -2), targets.flatten()) without gathering the logits."""
     return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, group)

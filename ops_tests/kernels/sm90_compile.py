@@ -9,7 +9,10 @@ unset (the kernels are then real JIT functions). Prints one line per kernel with
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -63,10 +66,21 @@ def compile_for_sm90(fn, types: dict[str, str], consts: dict, options: dict, nam
     return ok
 
 
-def main(dtype: str = "bf16", K: int = 128, V: int = 128, C: int = 64) -> int:
+def _compile_one(index: int, dtype: str, K: int, V: int, C: int) -> bool:
     BK, BV = _blocks(K, V)
     jobs, meta = kernels(dtype, C, BK, BV)
-    return sum(not compile_for_sm90(fn, {**meta, **ptrs}, consts, _launch(K)) for fn, ptrs, consts in jobs)
+    fn, ptrs, consts = jobs[index]
+    return compile_for_sm90(fn, {**meta, **ptrs}, consts, _launch(K))
+
+
+def main(dtype: str = "bf16", K: int = 128, V: int = 128, C: int = 64) -> int:
+    """Compiles the kernels over the machine's cores (each compile is single-threaded); returns the failures."""
+    count = len(kernels(dtype, C, *_blocks(K, V))[0])
+    # fork: the children inherit the imported kernels (JIT functions are not picklable by reference alone)
+    with ProcessPoolExecutor(max_workers=min(count, os.cpu_count() or 1),
+                             mp_context=multiprocessing.get_context("fork")) as pool:
+        results = list(pool.map(_compile_one, range(count), *zip(*[(dtype, K, V, C)] * count)))
+    return sum(not ok for ok in results)
 
 
 if __name__ == "__main__":

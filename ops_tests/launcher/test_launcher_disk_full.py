@@ -1,16 +1,17 @@
-"""A full disk under a real job (the output directory on a size-limited tmpfs): the checkpoint that
-does not fit is not published, the job fails with a message naming the cause
+"""A full disk under a real job (the output directory on a size-limited tmpfs, shrunk while the job runs):
+the checkpoint that does not fit is not published, the job fails with a message naming the cause
 (`fault.checkpoint_errors: fail`), and once the operator makes room `launcher resume` continues from
 the previous checkpoint to the end."""
 from __future__ import annotations
 
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from test_launcher_e2e import LOCAL, launcher, status
+from test_launcher_e2e import LOCAL, launcher, poll_status, status
 
 pytestmark = pytest.mark.slow
 
@@ -37,19 +38,24 @@ def test_full_disk_fails_clearly_and_resumes_after_room_is_made(tmp_path):
         mnt = Path(mnt_dir)
         _mount(mnt, 1 << 30)
         try:
-            r = launcher("submit", str(LOCAL), "--name", "full", *_args(mnt, home / "mlflow.db", 2), home=home)
+            # The first attempt's checkpoint of step 4 waits 6 s before writing (cluster.env): the disk fills
+            # up meanwhile, once step 2's checkpoint is published.
+            hold = "{LMFORGE_INJECT_SLOW_CHECKPOINT: '4:6:0'}"
+            r = launcher("submit", str(LOCAL), "--name", "full", "--detach",
+                         *_args(mnt, home / "mlflow.db", 6), "--set", f"cluster.env={hold}", home=home)
             assert r.returncode == 0, r.stderr[-4000:]
+            st = _wait(home, lambda s: (s.get("last_checkpoint") or "").endswith("step_2"), "step 2's checkpoint")
+            assert st["state"] == "RUNNING", st
             one = _used(mnt / "full" / "checkpoints" / "step_2")
             # Room for what is there now and half a checkpoint more: the next one cannot be written.
             _mount(mnt, _used(mnt) + one // 2, remount=True)
-            r = launcher("resume", "full", *_args(mnt, home / "mlflow.db", 6), home=home)
+            st = _wait(home, lambda s: s["state"] in ("SUCCEEDED", "FAILED", "STOPPED"), "the job's end")
             st = status("full", home)
-            assert r.returncode != 0 and st["state"] == "FAILED", st
+            assert st["state"] == "FAILED", st
             assert "step_4 was not written" in st["error"] and "No space left on device" in st["error"], st["error"]
             assert "fault.checkpoint_errors=fail" in st["error"]
             assert st["last_checkpoint"].endswith("step_2")
             assert sorted(p.name for p in (mnt / "full" / "checkpoints").glob("*step_*")) == ["step_2"]
-
             _mount(mnt, 1 << 30, remount=True)  # the operator makes room
             r = launcher("resume", "full", *_args(mnt, home / "mlflow.db", 6), home=home)
             assert r.returncode == 0, r.stderr[-4000:]
@@ -59,3 +65,13 @@ def test_full_disk_fails_clearly_and_resumes_after_room_is_made(tmp_path):
             assert f"resumed from {mnt / 'full' / 'checkpoints' / 'step_2'} at step 2" in log
         finally:
             subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _wait(home: Path, until, what: str, timeout_s: float = 300) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        st = poll_status("full", home)
+        if until(st):
+            return st
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}: {st}")

@@ -22,7 +22,7 @@ from parallel.safe_load import safe_torch_load
 from test_launcher_e2e import LOCAL, launcher, poll_status, status
 
 pytestmark = pytest.mark.slow
-STEPS, CHECKPOINT_EVERY, HANG_TIMEOUT_S = 20, 5, 30
+STEPS, CHECKPOINT_EVERY, HANG_TIMEOUT_S = 20, 5, 20
 SLOW_CHECKPOINT_STEP, SLOW_CHECKPOINT_S = 5, HANG_TIMEOUT_S + 5
 TP2_DP2 = {"cluster.workers": 4, "cluster.cpus_per_worker": 1, "cluster.device": "cpu", "parallel.tp": 2,
            "cluster.placement": "pack"}

@@ -19,6 +19,9 @@ from test_launcher_e2e import LOCAL, launcher, poll_status, status
 
 pytestmark = pytest.mark.slow
 STEPS, CHECKPOINT_EVERY = 9, 3
+# The node is ended once both ranks are past the first checkpoint; the first attempt's second checkpoint is
+# slowed (every rank, through cluster.env) so the loss always lands mid-run, however fast the steps go.
+HOLD = f"{{LMFORGE_INJECT_SLOW_CHECKPOINT: '{2 * CHECKPOINT_EVERY}:45:0'}}"
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,7 @@ def _submit(home: Path, cluster: ray_head.RayHead, elastic: bool, **extra) -> No
     values = {"train.steps": STEPS, "train.eval_every": 0, "train.checkpoint_every": CHECKPOINT_EVERY,
               "cluster.workers": 2, "cluster.device": "cpu", "data.record_samples": "true",
               "fault.elastic": str(elastic).lower(), "fault.node_wait_s": 300, "fault.hang_timeout_s": 60,
+              "cluster.env": HOLD,
               "train.output_dir": home / "runs", "tracking.system_metrics": "false", **extra}
     sets = [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
     r = launcher("submit", str(LOCAL), "--name", "loss", "--detach", *sets, home=home, cluster=cluster)

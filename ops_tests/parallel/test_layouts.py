@@ -25,6 +25,8 @@ ARCHS = {
                                          attn_layers=[2])),
     # 8 experts of width 16, top-2; SwitchHead with 4 experts per head; two shared layers applied twice
     "moeut": ("moeut", dict()),
+    # residual 8×16, 4 heads of 16, z-loss on (its vocab-parallel logsumexp under TP), learned positions
+    "rmt": ("rmt", dict(d_key=8, d_value=16, rank=4, n_layers=2, d_ff=64)),
     # ops_tests/toy_arch.py: its own TP style and context-parallel core, no code in parallel/ or launcher/
     "toy": ("toy", dict()),
 }
@@ -63,6 +65,8 @@ CASES = [("transformer", name) for name in LAYOUTS if name not in CP_LAYOUTS + E
 ] + [("deltanet", name) for name in ("tp2", "tp2+sp", "pp2", *CP_LAYOUTS)] + [
     ("deltanet-swa", "tp2"), ("deltanet-global", "tp2"),
 ] + [("moeut", name) for name in ("tp2", "tp2xdp2", "pp2", "tp2xpp2", *EP_LAYOUTS)] + [
+    ("rmt", name) for name in ("tp2", "tp2+sp", "pp2", "dp2-zero1", "dp2-zero2", "tp2xpp2")
+] + [
     ("toy", name) for name in ("tp2", "pp2", "dp2-zero1", "cp2")
 ]
 
