@@ -8,7 +8,9 @@ rank's shard from the same rules, so every rank and layout starts from identical
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -166,10 +168,28 @@ def build(cfg: Any, seed: int | None = None) -> nn.Module:
     if spec is None or not isinstance(cfg, spec.config_cls):
         raise ValueError(f"{type(cfg).__name__} is not the config of a registered arch; known: {', '.join(names())}")
     target = torch.get_default_device()
-    with torch.device("meta"):
+    with torch.device("meta"), _no_fills_on_meta():
         model = spec.model_cls(cfg)
     if target.type == "meta":
         return model
     model.to_empty(device=target)
     model.init_weights(seed)
     return model
+
+
+@contextlib.contextmanager
+def _no_fills_on_meta() -> Iterator[None]:
+    """Module constructors fill their parameters (nn.Embedding: `init.normal_`); on meta tensors that is
+    meaningless (`init_weights` or `materialize` fills them later) and costly: torch runs a meta `normal_`
+    through a Python reference whose first call imports torch._dynamo, ~3 s of every `submit`'s validation
+    and `launcher plan`. Real tensors (another thread's) still get the fill."""
+    real = nn.init.normal_
+
+    def normal_(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return tensor if tensor.is_meta else real(tensor, *args, **kwargs)
+
+    nn.init.normal_ = normal_
+    try:
+        yield
+    finally:
+        nn.init.normal_ = real
