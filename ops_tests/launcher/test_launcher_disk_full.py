@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from test_launcher_e2e import LOCAL, launcher, poll_status, status
+from test_launcher_e2e import LOCAL, launcher, status, wait_for_status
 
 pytestmark = pytest.mark.slow
 
@@ -68,10 +67,4 @@ def test_full_disk_fails_clearly_and_resumes_after_room_is_made(tmp_path):
 
 
 def _wait(home: Path, until, what: str, timeout_s: float = 300) -> dict:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        st = poll_status("full", home)
-        if until(st):
-            return st
-        time.sleep(0.3)
-    pytest.fail(f"timed out waiting for {what}: {st}")
+    return wait_for_status("full", home, until, what, timeout_s)

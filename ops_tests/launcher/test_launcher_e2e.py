@@ -52,6 +52,17 @@ def poll_status(name: str, home: Path) -> dict:
     return jobs.status(jobs.JobDir(Path(registry[name])))
 
 
+def wait_for_status(name: str, home: Path, until, what: str, timeout_s: float = 300, poll_s: float = 0.3) -> dict:
+    """`poll_status` until `until(status)` holds; the status it held on, or the test fails naming `what`."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        st = poll_status(name, home)
+        if until(st):
+            return st
+        time.sleep(poll_s)
+    pytest.fail(f"timed out waiting for {what}: {st}")
+
+
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 

@@ -19,7 +19,7 @@ import torch
 
 from launcher.jobs import read_json, read_jsonl
 from parallel.safe_load import safe_torch_load
-from test_launcher_e2e import LOCAL, launcher, poll_status, status
+from test_launcher_e2e import LOCAL, launcher, poll_status, status, wait_for_status
 
 pytestmark = pytest.mark.slow
 STEPS, CHECKPOINT_EVERY, HANG_TIMEOUT_S = 20, 5, 20
@@ -65,13 +65,7 @@ def _losses(home: Path, name: str) -> dict[int, list[float]]:
 
 
 def _wait(name: str, home: Path, until, timeout_s: float = 300) -> dict:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        st = poll_status(name, home)
-        if until(st):
-            return st
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting on {name}: {st}")
+    return wait_for_status(name, home, until, name, timeout_s, poll_s=0.5)
 
 
 def _reports(home: Path, name: str) -> list[dict]:

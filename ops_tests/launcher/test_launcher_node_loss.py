@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import ray_head
-from test_launcher_e2e import LOCAL, launcher, poll_status, status
+from test_launcher_e2e import LOCAL, launcher, poll_status, status, wait_for_status
 
 pytestmark = pytest.mark.slow
 STEPS, CHECKPOINT_EVERY = 9, 3
@@ -64,13 +64,7 @@ def _submit(home: Path, cluster: ray_head.RayHead, elastic: bool, **extra) -> No
 
 
 def _wait(home: Path, until, what: str, timeout_s: float = 300) -> dict:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        st = poll_status("loss", home)
-        if until(st):
-            return st
-        time.sleep(0.3)
-    pytest.fail(f"timed out waiting for {what}: {st}")
+    return wait_for_status("loss", home, until, what, timeout_s)
 
 
 def _lose_a_node_mid_run(home: Path, cluster: ray_head.RayHead) -> dict:
