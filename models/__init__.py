@@ -12,6 +12,7 @@ import models.transformer  # noqa: F401  (registers "transformer")
 import models.deltanet  # noqa: F401  (registers "deltanet")
 import models.moeut  # noqa: F401  (registers "moeut")
 import models.rmt  # noqa: F401  (registers "rmt")
+import models.memoryformer  # noqa: F401  (registers "memoryformer")
 
 __all__ = ["ContextParallelCore", "ExpertBank", "ModelDims", "ModelSpec", "PipeBlock", "SequenceCore", "build",
            "get_spec", "make_config", "names", "register"]

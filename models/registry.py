@@ -99,7 +99,7 @@ class ModelSpec:
     expert_bank: str | None = None
     dims: Callable[[Any], ModelDims] = lm_dims  # cfg -> sizes for the planner's activation estimate
     tp_units: Callable[[Any], dict[str, int]] = lm_head_counts  # cfg -> counts TP must split whole (heads)
-    # (cfg, {"tp", "pp", "dp", "cp", "ep": degree}) -> (spec key, reason) for a layout this config cannot run
+    # (cfg, {"tp", "pp", "dp", "cp", "ep": degree, "sp": 0|1}) -> (spec key, reason) for a layout this config cannot run
     layout_refusal: Callable[[Any, dict[str, int]], tuple[str, str] | None] | None = None
     num_params: Callable[[Any], int] | None = None  # cfg -> parameter count (tied weights once)
     flops_per_token: Callable[[Any, int], float] | None = None  # (cfg, seq_len) -> training FLOPs per token

@@ -230,7 +230,7 @@ def check_layout(cfg, layout: Layout, work: Workload) -> None:  # noqa: ANN001
         _check_expert_layout(cfg, spec, layout)
     if spec.layout_refusal is not None:
         refused = spec.layout_refusal(cfg, {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "cp": layout.cp,
-                                            "ep": layout.ep})
+                                            "ep": layout.ep, "sp": int(layout.sequence_parallel)})
         if refused is not None:
             raise LayoutError(*refused)
     if layout.sequence_parallel and (work.seq_len // layout.cp) % layout.tp:

@@ -142,5 +142,5 @@ def test_incremental_generation_equals_parallel_forward(arch):
 
 def test_the_contract_covers_every_built_architecture():
     # the built archs and the test-only toy are all in the parametrisations above
-    assert {"transformer", "deltanet", "moeut", "rmt", "toy"} <= set(ARCHS)
-    assert {"transformer", "deltanet", "rmt"} <= set(GENERATING)
+    assert {"transformer", "deltanet", "moeut", "rmt", "memoryformer", "toy"} <= set(ARCHS)
+    assert {"transformer", "deltanet", "rmt", "memoryformer"} <= set(GENERATING)

@@ -65,4 +65,5 @@ def test_sharded_builds_hold_the_one_process_weights_and_the_planned_counts():
                         {n: t.numel() for n, (t, _) in held.items()}, (arch, layout)
             assert seen == set(full), (arch, layout, sorted(set(full) - seen))  # every parameter is held somewhere
             checked.add((arch, layout))
-    assert {("transformer", "tp2"), ("deltanet", "pp2"), ("moeut", "tp2"), ("toy", "tp2"), ("toy", "pp2")} <= checked
+    assert {("transformer", "tp2"), ("deltanet", "pp2"), ("moeut", "tp2"), ("memoryformer", "tp2"), ("toy", "tp2"),
+            ("toy", "pp2")} <= checked

@@ -27,6 +27,8 @@ ARCHS = {
     "moeut": ("moeut", dict()),
     # residual 8×16, 4 heads of 16, z-loss on (its vocab-parallel logsumexp under TP), learned positions
     "rmt": ("rmt", dict(d_key=8, d_value=16, rank=4, n_layers=2, d_ff=64)),
+    # d 32 = 8 tables of 4 bits (16 rows), 4 heads of 8 (2 rotary dims); ML2 8 tables of 6 bits; its own TP style
+    "memoryformer": ("memoryformer", dict(d_model=32, n_layers=2, n_heads=4, code_bits=4)),
     # ops_tests/toy_arch.py: its own TP style and context-parallel core, no code in parallel/ or launcher/
     "toy": ("toy", dict()),
 }
@@ -66,6 +68,8 @@ CASES = [("transformer", name) for name in LAYOUTS if name not in CP_LAYOUTS + E
     ("deltanet-swa", "tp2"), ("deltanet-global", "tp2"),
 ] + [("moeut", name) for name in ("tp2", "tp2xdp2", "pp2", "tp2xpp2", *EP_LAYOUTS)] + [
     ("rmt", name) for name in ("tp2", "tp2+sp", "pp2", "dp2-zero1", "dp2-zero2", "tp2xpp2")
+] + [
+    ("memoryformer", name) for name in ("tp2", "pp2", "dp2-zero1", "dp2-zero2", "tp2xpp2")
 ] + [
     ("toy", name) for name in ("tp2", "pp2", "dp2-zero1", "cp2")
 ]
