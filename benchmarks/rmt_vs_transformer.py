@@ -84,7 +84,7 @@ def train(args: argparse.Namespace, name: str, cfg: Any, shards: Path) -> dict[s
     spec = models.get_spec(cfg.arch)
     model = models.build(cfg, seed=args.seed).train()
     loss_fn = ModelLoss(lm_loss, z_loss=spec.z_loss(cfg) if spec.z_loss else 0.0)
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay, args.lr), lr=args.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
         s, warmup_steps=args.warmup, total_steps=args.steps, min_ratio=0.1))
     stream = TokenStream(shards, seed=args.seed, global_batch=args.batch, micro_batch=args.batch, dp_rank=0, dp_size=1)

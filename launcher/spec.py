@@ -76,6 +76,9 @@ class OptimSection:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.1
+    # lookup tables with sparse gradients (an arch's ModelSpec.table_params: MemoryFormer's hash tables)
+    table_lr_multiplier: float = 1.0  # their lr = lr × this (the MemoryFormer paper triples lr globally instead)
+    table_weight_decay: float | None = None  # None: optim.weight_decay (the code's 0.1); 0: no decay on tables
     grad_clip: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.95

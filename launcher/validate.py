@@ -91,6 +91,7 @@ def validate(spec: JobSpec, address: str | None = None) -> None:
         raise SpecError("optim.lr", f"must be > 0, got {spec.optim.lr}")
     if spec.optim.min_lr_ratio > 1:
         raise SpecError("optim.min_lr_ratio", f"must be in [0, 1], got {spec.optim.min_lr_ratio}")
+    _validate_tables(spec)
     for key in ("optim.beta1", "optim.beta2"):
         if not 0 <= _get(spec, key) < 1:
             raise SpecError(key, f"must be in [0, 1), got {_get(spec, key)}")
@@ -116,6 +117,25 @@ def validate(spec: JobSpec, address: str | None = None) -> None:
         )
     _validate_model(spec)
     _validate_layout(spec, dp)
+
+
+def _validate_tables(spec: JobSpec) -> None:
+    """The lookup-table options need a model that declares tables (ModelSpec.table_params)."""
+    import models
+
+    o = spec.optim
+    if not o.table_lr_multiplier > 0:
+        raise SpecError("optim.table_lr_multiplier", f"must be > 0, got {o.table_lr_multiplier}")
+    if o.table_weight_decay is not None and not o.table_weight_decay >= 0:
+        raise SpecError("optim.table_weight_decay", f"must be >= 0 (or unset: optim.weight_decay), got {o.table_weight_decay}")
+    try:
+        tables = models.get_spec(spec.model.arch).table_params
+    except ValueError:
+        return  # an unknown arch is _validate_model's to report
+    for key, unset in (("optim.table_lr_multiplier", 1.0), ("optim.table_weight_decay", None)):
+        if tables is None and _get(spec, key) != unset:
+            raise SpecError(key, f"applies to lookup tables and model arch {spec.model.arch!r} declares none; "
+                                 f"allowed: {unset if unset is not None else 'unset'}")
 
 
 def _validate_layout(spec: JobSpec, dp: int) -> None:

@@ -244,11 +244,13 @@ def _build(run: _Run) -> None:
                                      activation_checkpointing=t.activation_checkpointing)
     model = model.to(run.device)
     run.startup["model_built"] = time.time()
+    arch = models.get_spec(cfg.arch)
     run.engine = build_engine(
         model,
         EngineConfig(
             micro_batch=d.micro_batch, grad_accum=run.accum, dp=run.dp, zero=p.zero, lr=o.lr,
-            weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+            weight_decay=o.weight_decay, table_params=arch.table_params, table_lr_multiplier=o.table_lr_multiplier,
+            table_weight_decay=o.table_weight_decay, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
             grad_clip=o.grad_clip, warmup_steps=o.warmup_steps, total_steps=t.steps,
             min_lr_ratio=o.min_lr_ratio, dtype=resolve_dtype(t.dtype, run.device),
             sequence_parallel=p.sequence_parallel,
@@ -258,7 +260,6 @@ def _build(run: _Run) -> None:
     run.startup["engine_ready"] = time.time()
     run.stream = TokenStream(run.shards, seed=t.seed, global_batch=d.global_batch, micro_batch=d.micro_batch,
                              dp_rank=run.dp_rank, dp_size=run.dp)
-    arch = models.get_spec(cfg.arch)
     run.flops_per_token = arch.flops_per_token(cfg, d.seq_len) if arch.flops_per_token else None
     run.peak = _peak_flops(run.device)
     run.model_metrics = arch.step_metrics

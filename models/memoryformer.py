@@ -439,6 +439,6 @@ register(
     ModelSpec(
         name="memoryformer", config_cls=MemoryFormerConfig, presets=PRESETS, model_cls=MemoryFormer,
         tp_plan=TP_PLAN, pipeline_blocks=lm_pipeline_blocks, layout_refusal=layout_refusal,
-        num_params=num_params, flops_per_token=flops_per_token,
+        num_params=num_params, flops_per_token=flops_per_token, table_params="*.memory.tables",
     )
 )

@@ -108,6 +108,9 @@ class ModelSpec:
     # cfg -> z-loss coefficient: the training loss adds coef · mean logsumexp(logits)² (PaLM), computed by
     # the loss function (over the vocabulary shards under TP), recorded with the aux terms; None or 0: none
     z_loss: Callable[[Any], float] | None = None
+    # parameter-name pattern (fnmatch) of lookup tables with sparse gradients: their own optimizer group, with
+    # optim.table_lr_multiplier and optim.table_weight_decay
+    table_params: str | None = None
     # (model or any module containing its layers, sum over data-parallel ranks) -> metrics gathered by the
     # forward passes since the last call (e.g. expert load); collective through the sum, so every rank calls it
     step_metrics: Callable[[nn.Module, Callable[[torch.Tensor], torch.Tensor]], dict[str, float]] | None = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import logging
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ class EngineConfig:
     zero: int = 1
     lr: float = 3e-3
     weight_decay: float = 0.1
+    table_params: str | None = None  # parameter-name pattern of sparse lookup tables (ModelSpec.table_params)
+    table_lr_multiplier: float = 1.0
+    table_weight_decay: float | None = None  # None: weight_decay
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -69,21 +73,47 @@ def deepspeed_config(cfg: EngineConfig) -> dict:
     return ds
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings; never norms' gains or biases. Expert-parallel parameters go to
-    groups of their own marked `moe` (DeepSpeed's convention: ZeRO partitions those over the
-    expert-data-parallel group)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
+def param_groups(model: nn.Module, weight_decay: float, lr: float, tables: TableGroup | None = None) -> list[dict]:
+    """Decay matrices and embeddings; never norms' gains or biases. Lookup tables matching `tables.pattern`
+    get a group of their own (its lr multiplier and decay). Expert-parallel parameters go to groups of their
+    own marked `moe` (DeepSpeed's convention: ZeRO partitions those over the expert-data-parallel group)."""
+    decay, no_decay, table = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if tables is not None and tables.matches(name):
+            table.append(p)
+        else:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    out = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-           {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    out = [{"name": "decay", "params": decay, "weight_decay": weight_decay, "lr": lr},
+           {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    if table:
+        out.append({"name": "tables", "params": table, "weight_decay": tables.weight_decay, "lr": lr * tables.lr_multiplier})
     if any(getattr(p, "allreduce", True) is False for p in model.parameters()):
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         out = [g for g in split_params_into_different_moe_groups_for_optimizer(out) if g["params"]]
     return out
+
+
+@dataclass(frozen=True)
+class TableGroup:
+    """Sparse lookup tables' optimizer settings: parameters whose name matches `pattern` (fnmatch: `*` spans
+    dots, so "*.memory.tables" holds under any prefix a pipeline stage or a wrapper gives the name)."""
+
+    pattern: str
+    lr_multiplier: float = 1.0
+    weight_decay: float = 0.1
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+def table_group(cfg: EngineConfig) -> TableGroup | None:
+    if cfg.table_params is None:
+        return None
+    decay = cfg.weight_decay if cfg.table_weight_decay is None else cfg.table_weight_decay
+    return TableGroup(cfg.table_params, cfg.table_lr_multiplier, decay)
 
 
 def build_engine(model: nn.Module, cfg: EngineConfig, groups: ProcessGroups | None = None):
@@ -103,7 +133,7 @@ def build_engine(model: nn.Module, cfg: EngineConfig, groups: ProcessGroups | No
     if is_pipeline(model) and cfg.zero > 1:
         raise ValueError(f"pipeline parallelism allows ZeRO stage 0 or 1 (DeepSpeed's pipeline engine), got {cfg.zero}")
     optimizer = FiniteAdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        param_groups(model, cfg.weight_decay, cfg.lr, table_group(cfg)), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         max_norm=cfg.grad_clip if cfg.zero == 0 else 0.0,
         tp_group=groups["tp"] if topo is not None and topo.tp > 1 else None,
         pp_group=groups["pp"] if topo is not None and topo.pp > 1 else None,
