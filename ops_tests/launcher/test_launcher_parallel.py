@@ -67,3 +67,33 @@ def test_tp2_job_trains_and_resumes_resharded(tmp_path):
     first_resumed = losses[SPLIT]
     assert first_resumed < losses[0] - 1.0, losses
     assert re.search(r"val_loss at step \d+", r.stdout), r.stdout
+
+
+def test_memoryformer_tp2_job_trains_and_eval_reproduces_its_val_loss(tmp_path):
+    """MemoryFormer's tables split by columns over 2 CPU workers through the real CLI, with the tables' own
+    optimizer group (lr × 3, no decay); the consolidated export evaluates in one process to the logged val loss."""
+    home, steps = tmp_path, 8
+    spec = yaml.safe_load(LOCAL.read_text())
+    spec["model"] = {"arch": "memoryformer", "preset": "tiny"}
+    spec["optim"] = {**spec["optim"], "lr": 1e-2, "warmup_steps": 2, "table_lr_multiplier": 3.0,
+                     "table_weight_decay": 0.0}
+    spec["parallel"] = {**spec.get("parallel", {}), "tp": 2}
+    spec["train"] = {**spec["train"], "steps": steps, "eval_every": steps, "checkpoint_every": steps,
+                     "output_dir": str(home / "runs")}
+    spec.setdefault("tracking", {})["system_metrics"] = False
+    spec["data"] = {**spec["data"], "eval_samples": EVAL_SAMPLES}
+    config = home / "mf.yaml"
+    config.write_text(yaml.safe_dump(spec))
+
+    r = launcher("submit", str(config), "--name", "mf", home=home, timeout=900)
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
+    st = status("mf", home)
+    assert st["state"] == "SUCCEEDED" and st["step"] == steps and len(st["workers"]) == 2, st
+    uri, run_id = st["mlflow"]["tracking_uri"], st["mlflow"]["run_id"]
+    losses = _history(uri, run_id, "loss")
+    assert [s for s, _ in losses] == list(range(steps))
+    vals = _history(uri, run_id, "val_loss")
+    assert vals and vals[-1][1] < losses[0][1] - 1.0, (losses, vals)
+    r = launcher("eval", "mf", "--samples", str(EVAL_SAMPLES), home=home)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.loads(r.stdout)["val_loss"] == pytest.approx(vals[-1][1], rel=1e-4)
