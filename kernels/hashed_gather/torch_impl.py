@@ -5,9 +5,15 @@ per_sample_weights=w). Both accumulate in fp32 for fp16/bf16 tables (float64 sta
 the tables' dtype. The backward is hand-written and shared: ∂w from the gathered rows · ∂y, and ∂T by a
 sort-based segmented reduction (`GatherPlan`), never index_add_ / scatter_add / accumulate=True, which
 sum through atomics on a GPU and so in a run-dependent order (spec §1: determinism where required).
+
+On the CPU the backward never materialises the gathered rows [N, K, h] (≈20× slower there: memory, not
+arithmetic): ∂T is the sparse product Sᵀ·∂y with S [N, R] holding w at (n, idx[n, k]), in CSR by table row —
+the plan's sorted segments are its rows, each summed by one thread in entry order — and ∂w the sampled
+product ⟨∂y[n], T[idx[n, k]]⟩ at S's entries (`torch.sparse.sampled_addmm`). Both deterministic.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -99,9 +105,22 @@ def _forward(tables: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, mode: str
     return y.to(tables.dtype)
 
 
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are not
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
 def weight_grad(tables: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """∂w[n,k] = ⟨∂y[n], T[idx[n,k]]⟩ in the accumulation dtype (rows re-gathered, not saved: memory)."""
     acc = accum_dtype(tables.dtype)
+    if tables.device.type == "cpu" and idx.numel():
+        N, K = idx.shape
+        cols, perm = torch.sort(idx, dim=1, stable=True)  # CSR wants each row's columns ascending
+        crow = torch.arange(0, N * K + 1, K, device=idx.device)
+        pattern = _csr(crow, cols.reshape(-1), torch.ones(N * K, dtype=acc), (N, tables.shape[0]))
+        vals = torch.sparse.sampled_addmm(pattern, dy.to(acc), tables.to(acc).t(), beta=0.0).values()
+        return torch.empty(N, K, dtype=acc).scatter_(1, perm, vals.view(N, K))
     return (tables[idx].to(acc) * dy.to(acc).unsqueeze(-2)).sum(-1)
 
 
@@ -116,6 +135,11 @@ def table_grad(dy: torch.Tensor, w: torch.Tensor, plan: GatherPlan, dtype: torch
     if not plan.segments:
         return grad
     K = w.shape[-1]
+    if dy.device.type == "cpu":
+        crow = torch.zeros(plan.num_rows + 1, dtype=torch.int64)
+        crow[plan.rows + 1] = plan.counts
+        s_t = _csr(crow.cumsum(0), plan.order // K, w.reshape(-1)[plan.order].to(acc), (plan.num_rows, dy.shape[0]))
+        return (s_t @ dy.to(acc)).to(dtype)
     contrib = w.reshape(-1)[plan.order].to(acc).unsqueeze(-1) * dy.to(acc)[plan.order // K]
     sums = torch.segment_reduce(contrib, "sum", lengths=plan.counts, axis=0)
     return grad.index_copy_(0, plan.rows, sums.to(dtype))

@@ -11,13 +11,13 @@ reading the same input (the attention's Q, K and V): `MemoryLayer.forward` takes
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.hashed_gather import weighted_gather
+from kernels.hashed_gather import GatherPlan, make_gather_plan, weighted_gather
 
 SCORE_FNS = ("official", "paper")
 MAX_CODE_BITS = 20  # 2^20 rows per table: beyond it a table of a few columns is already gigabytes
@@ -29,6 +29,16 @@ class Codes:
 
     index: torch.Tensor  # int64, chunk k's bucket + k·2^τ
     weight: torch.Tensor
+    _plans: dict[int, GatherPlan] = field(default_factory=dict, repr=False)
+
+    def plan(self, rows: int) -> GatherPlan | None:
+        """The table gradient's sort of `index`, made once and shared by every layer reading these codes
+        (Q, K, V: one sort instead of three); None outside training, where no table gradient is taken."""
+        if not torch.is_grad_enabled():
+            return None
+        if rows not in self._plans:
+            self._plans[rows] = make_gather_plan(self.index, rows)
+        return self._plans[rows]
 
 
 def bucket(z: torch.Tensor) -> torch.Tensor:
@@ -82,9 +92,10 @@ class MemoryLayer(nn.Module):
     def d_in(self) -> int:
         return self.n_tables * self.code_bits
 
-    def forward(self, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """index, weight [..., K] (from `hash_input`) -> [..., h] in the tables' dtype."""
-        y = weighted_gather(self.tables, index, weight, backend=self.backend)
+    def forward(self, index: torch.Tensor, weight: torch.Tensor, plan: GatherPlan | None = None) -> torch.Tensor:
+        """index, weight [..., K] (from `hash_input`) -> [..., h] in the tables' dtype; `plan`: the index's
+        sort for the table gradient, when shared (`Codes.plan`)."""
+        y = weighted_gather(self.tables, index, weight, backend=self.backend, plan=plan)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -110,5 +121,7 @@ class HashedMemory(nn.Module):
 
     def forward(self, x: torch.Tensor, codes: Codes | None = None) -> torch.Tensor:
         """`codes`: a hash of x already computed (shared with other layers); None: hash x here."""
-        codes = self.codes(x) if codes is None else codes
-        return self.memory(codes.index, codes.weight)
+        shared = codes is not None
+        codes = codes if shared else self.codes(x)
+        plan = codes.plan(self.memory.tables.shape[0]) if shared and self.memory.tables.requires_grad else None
+        return self.memory(codes.index, codes.weight, plan=plan)

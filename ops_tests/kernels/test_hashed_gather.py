@@ -158,9 +158,9 @@ def test_backend_names():
     with pytest.raises(ValueError, match="allowed: auto, index, embedding_bag, triton"):
         weighted_gather(tables, idx, w, backend="torch")
     assert GATHER_BACKENDS == ("auto", "index", "embedding_bag", "triton")
-    expect = "triton" if DEVICE == "cuda" else "index"
+    expect = "triton" if DEVICE == "cuda" else "embedding_bag"
     assert pick_gather_backend(tables.float(), "auto") == expect
-    assert pick_gather_backend(tables, "auto") == "index"  # float64 never goes to Triton
+    assert pick_gather_backend(tables, "auto") == "embedding_bag"  # float64 never goes to Triton
 
 
 def test_bad_inputs():

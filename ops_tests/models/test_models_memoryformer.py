@@ -304,3 +304,24 @@ def test_bad_fields_name_the_key_the_arithmetic_and_the_allowed_values(overrides
     assert "\n" not in str(e.value)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+def test_shared_codes_sort_once_for_q_k_v_and_give_the_gradients_of_separate_hashes(monkeypatch: pytest.MonkeyPatch):
+    """One hash (and one sort of its rows for the table gradients) serves Q, K and V: the same math as three
+    hashes of the same input (equal up to summation order: ∂w of the three layers meets before the hash)."""
+    import models.layers.memory_layer as ml
+
+    sorts = []
+    real = ml.make_gather_plan
+    monkeypatch.setattr(ml, "make_gather_plan", lambda idx, rows: sorts.append(rows) or real(idx, rows))
+    tokens = torch.randint(0, 31, (2, 12), generator=torch.Generator().manual_seed(15))
+    grads = {}
+    for shared in (True, False):
+        model = models.build(mf(share_qkv_hash=shared), seed=0)
+        loss = model(tokens).logsumexp(-1).mean()
+        loss.backward()
+        grads[shared] = {n: p.grad for n, p in model.named_parameters()}
+    assert sorts == [4 * 16, 4 * 16]  # one sort of the shared codes per block (2 blocks), none when unshared
+    assert grads[True].keys() == grads[False].keys()
+    for n, g in grads[True].items():
+        torch.testing.assert_close(g, grads[False][n], rtol=1e-5, atol=1e-8, msg=n)
