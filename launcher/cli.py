@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("target")
     s.add_argument("--samples", type=int, default=None, help="validation samples (default: all)")
 
+    s = sub.add_parser("export", help="a checkpoint as a transformers directory (--format hf) or plain safetensors")
+    s.add_argument("target", help="a job name or a checkpoint directory")
+    s.add_argument("--format", dest="fmt", default="hf", help="hf (Transformer++ as Llama / Qwen2) or safetensors")
+    s.add_argument("--out", required=True, help="directory to create (absent or empty)")
+
     s = sub.add_parser("plan", help="parameters, memory and FLOPs per rank of a spec's layout (starts nothing)")
     s.add_argument("config")
     s.add_argument("--world", type=int, help="number of ranks (overrides cluster.workers)")
@@ -310,6 +315,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from launcher.export import export
+
+    _setup_logging(args.debug)
+    _quiet_deepspeed()
+    print(json.dumps(export(args.target, args.fmt, args.out), indent=1))
+    return 0
+
+
 def _load_for_plan(config: str, sets: list[str]):
     """Validate as `submit` does, except for what planning explores: layout degrees jobs do not run
     yet (`validate.NOT_YET`) and a cuda device this machine lacks. The real degrees still go
@@ -413,7 +427,7 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
 
 
 VERBS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "resume": cmd_resume,
-         "data": cmd_data, "eval": cmd_eval, "plan": cmd_plan, "_run": cmd_run}
+         "data": cmd_data, "eval": cmd_eval, "export": cmd_export, "plan": cmd_plan, "_run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

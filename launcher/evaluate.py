@@ -18,7 +18,7 @@ from parallel import checkpoint, consolidated
 from parallel.step import eval_loss
 
 
-def _resolve(target: str) -> tuple[jobs.JobDir, Path]:
+def resolve_checkpoint(target: str) -> tuple[jobs.JobDir, Path]:
     """The job and the checkpoint to evaluate: intact, and holding nothing that would run code when loaded."""
     p = Path(target)
     if (p / checkpoint.MANIFEST).is_file():  # a checkpoint directory: <job>/checkpoints/step_N
@@ -36,7 +36,7 @@ def _resolve(target: str) -> tuple[jobs.JobDir, Path]:
 
 
 def evaluate(target: str, max_samples: int | None = None) -> dict[str, Any]:
-    job, ckpt = _resolve(target)
+    job, ckpt = resolve_checkpoint(target)
     spec = load_spec(job.spec)
     shards = resolve_shards(spec)
     manifest = load_manifest(shards)

@@ -34,6 +34,7 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
+    attn_bias: bool = False  # biases on q/k/v (Qwen2); o and the MLP never have one
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -67,7 +68,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.max_seq_len, cfg.rope_theta,
+                              qkv_bias=cfg.attn_bias)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
@@ -133,6 +135,8 @@ def num_params(cfg: TransformerConfig) -> int:
     """Exact parameter count (tied embedding/output weights counted once)."""
     d, hd = cfg.d_model, cfg.head_dim
     attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # wq, wo + wk, wv
+    if cfg.attn_bias:
+        attn += (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
     mlp = 3 * d * cfg.ffn_hidden
     per_layer = attn + mlp + 2 * d  # + two RMSNorm weights
     embeddings = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)

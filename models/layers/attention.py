@@ -8,26 +8,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.init import Fill, init_module, normal
+from models.init import Fill, init_module, normal, zeros
 from models.layers.rope import RotaryEmbedding
 
 
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, max_seq_len: int, rope_theta: float,
-                 window: int | None = None):
+                 window: int | None = None, qkv_bias: bool = False):
         super().__init__()
         self.head_dim = dim // n_heads
         self.window = window  # a token sees itself and the window-1 tokens before it; None: all before it
-        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=qkv_bias)  # biases: Qwen2's (models/hf_interop.py)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
         # One float64 table per layer (~2 MB at 2048x128) keeps every block self-contained for pipeline stages.
         self.rope = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
 
     def init_rules(self, init_std: float, out_std: float) -> dict[str, Fill]:
-        return {"wq.weight": normal(init_std), "wk.weight": normal(init_std), "wv.weight": normal(init_std),
-                "wo.weight": normal(out_std)}
+        rules = {"wq.weight": normal(init_std), "wk.weight": normal(init_std), "wv.weight": normal(init_std),
+                 "wo.weight": normal(out_std)}
+        if self.wq.bias is not None:
+            rules |= {"wq.bias": zeros, "wk.bias": zeros, "wv.bias": zeros}
+        return rules
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         init_module(self, self.init_rules(init_std, out_std))

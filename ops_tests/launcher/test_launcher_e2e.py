@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import ray_head
 
@@ -180,6 +181,46 @@ def test_logs_and_eval(job):
     assert result["step"] == STEPS
     # the same 256 validation samples, one process vs the two ranks that logged it
     assert result["val_loss"] == pytest.approx(_history(job, "val_loss")[-1][1], rel=1e-4)
+
+
+def test_export_hf_loads_in_transformers_with_our_logits_and_tokenizer(job, tmp_path):
+    """`launcher export --format hf`: transformers' Auto classes load the job's model (a Llama) and tokenizer;
+    its logits equal our model's from the same checkpoint (fp32, 1e-5), its tokens our tokenizer's."""
+    import transformers
+    from tokenizers import Tokenizer
+
+    import models
+    from launcher.evaluate import resolve_checkpoint
+    from launcher.orchestrator import resolve_shards
+    from launcher.spec import load_spec
+    from launcher.validate import model_config
+    from parallel import consolidated
+
+    out = tmp_path / "hf"
+    r = launcher("export", "e2e", "--format", "hf", "--out", str(out), home=job["home"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    info = json.loads(r.stdout)
+    assert info["step"] == STEPS and {"config.json", "model.safetensors", "tokenizer.json"} <= set(info["files"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "the model reads this sentence and the next one"
+    ids = tok(text, return_tensors="pt").input_ids
+    assert ids[0].tolist() == Tokenizer.from_file(str(out / "tokenizer.json")).encode(text).ids
+
+    job_dir, ckpt = resolve_checkpoint(info["checkpoint"])
+    spec = load_spec(job_dir.spec)
+    ours = models.build(model_config(spec, vocab_size=hf.config.vocab_size))
+    tensors, _ = consolidated.read(ckpt / "consolidated")
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            p.copy_(tensors[f"param/{name}"])
+        torch.testing.assert_close(hf(ids).logits, ours.eval()(ids), rtol=1e-5, atol=1e-5)
+    assert resolve_shards(spec) is not None
+
+    again = launcher("export", "e2e", "--format", "hf", "--out", str(out), home=job["home"])
+    assert again.returncode != 0 and "exists and is not an empty directory; nothing written" in again.stderr
+    bad = launcher("export", "e2e", "--format", "onnx", "--out", str(tmp_path / "x"), home=job["home"])
+    assert bad.returncode != 0 and "allowed: hf, safetensors" in bad.stderr and not (tmp_path / "x").exists()
 
 
 @pytest.fixture(scope="module")

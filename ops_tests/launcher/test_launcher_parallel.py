@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from test_launcher_e2e import LOCAL, launcher, status
@@ -52,6 +54,7 @@ def test_tp2_job_trains_and_resumes_resharded(tmp_path):
     r = launcher("eval", "mp", "--samples", str(EVAL_SAMPLES), home=home)
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads(r.stdout)["val_loss"] == pytest.approx(vals[-1][1], rel=1e-4)
+    _export_weights_only(home, "mp")
 
     # Reshard: the tp2 checkpoint resumes as plain data parallelism on 2 workers.
     r = launcher("resume", "mp", "--set", "parallel.tp=1", "--set", "cluster.workers=2",
@@ -97,3 +100,24 @@ def test_memoryformer_tp2_job_trains_and_eval_reproduces_its_val_loss(tmp_path):
     r = launcher("eval", "mf", "--samples", str(EVAL_SAMPLES), home=home)
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads(r.stdout)["val_loss"] == pytest.approx(vals[-1][1], rel=1e-4)
+
+
+def _export_weights_only(home, name: str) -> None:  # noqa: ANN001
+    """An arch with no transformers class: `--format hf` is refused with the reason (nothing written);
+    `--format safetensors` writes exactly the checkpoint's weights under our names, and our config."""
+    from safetensors.torch import load_file
+
+    from parallel import consolidated
+
+    r = launcher("export", name, "--format", "hf", "--out", str(home / "hf"), home=home)
+    assert r.returncode != 0 and not (home / "hf").exists()
+    assert "model arch 'rmt' has no transformers class" in r.stderr and "allowed for it: --format safetensors" in r.stderr
+    r = launcher("export", name, "--format", "safetensors", "--out", str(home / "st"), home=home)
+    assert r.returncode == 0, r.stderr[-4000:]
+    info = json.loads(r.stdout)
+    weights = load_file(str(home / "st" / "model.safetensors"))
+    tensors, _ = consolidated.read(Path(info["checkpoint"]) / "consolidated")
+    params = {k.removeprefix("param/"): v for k, v in tensors.items() if k.startswith("param/")}
+    assert weights.keys() == params.keys() and all(torch.equal(weights[k], params[k]) for k in params)
+    ours = json.loads((home / "st" / "lmforge_config.json").read_text())
+    assert ours["arch"] == "rmt" and ours["step"] == info["step"] and ours["config"]["d_key"] == 16
