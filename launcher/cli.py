@@ -66,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", dest="fmt", default="hf", help="hf (Transformer++ as Llama / Qwen2) or safetensors")
     s.add_argument("--out", required=True, help="directory to create (absent or empty)")
 
+    s = sub.add_parser("generate", help="text from a checkpoint, decoded through the architecture's cache")
+    s.add_argument("target", help="a job name or a checkpoint directory")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="one JSON object: tokens, text, tokens/s")
+
     s = sub.add_parser("plan", help="parameters, memory and FLOPs per rank of a spec's layout (starts nothing)")
     s.add_argument("config")
     s.add_argument("--world", type=int, help="number of ranks (overrides cluster.workers)")
@@ -324,6 +333,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from launcher.generate import run_generate
+
+    _setup_logging(args.debug)
+    _quiet_deepspeed()
+    result = run_generate(args.target, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        rate = f"{result['tokens_per_s']:.1f} tokens/s" if result["tokens_per_s"] else "no tokens"
+        print(f"{args.prompt}{result['text']}\n\n[{len(result['tokens'])} new tokens, {rate}, step {result['step']}]")
+    return 0
+
+
 def _load_for_plan(config: str, sets: list[str]):
     """Validate as `submit` does, except for what planning explores: layout degrees jobs do not run
     yet (`validate.NOT_YET`) and a cuda device this machine lacks. The real degrees still go
@@ -427,7 +450,7 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
 
 
 VERBS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "resume": cmd_resume,
-         "data": cmd_data, "eval": cmd_eval, "export": cmd_export, "plan": cmd_plan, "_run": cmd_run}
+         "data": cmd_data, "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate, "plan": cmd_plan, "_run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

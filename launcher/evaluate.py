@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,24 @@ def resolve_checkpoint(target: str) -> tuple[jobs.JobDir, Path]:
     return job, ckpt
 
 
-def evaluate(target: str, max_samples: int | None = None) -> dict[str, Any]:
+@dataclass
+class LoadedCheckpoint:
+    """A job's checkpoint as one process holds it: the whole model in fp32 on the CPU, in eval mode."""
+
+    job: jobs.JobDir
+    checkpoint: Path
+    spec: Any
+    shards: Path
+    manifest: Any
+    model: torch.nn.Module
+
+    @property
+    def step(self) -> int:
+        return checkpoint.read_manifest(self.checkpoint)["step"]
+
+
+def load_checkpoint_model(target: str) -> LoadedCheckpoint:
+    """Resolve `target` (a job name or a checkpoint directory) and build its model from the consolidated export."""
     job, ckpt = resolve_checkpoint(target)
     spec = load_spec(job.spec)
     shards = resolve_shards(spec)
@@ -51,6 +69,12 @@ def evaluate(target: str, max_samples: int | None = None) -> dict[str, Any]:
             if f"param/{name}" not in tensors:
                 raise UserError(f"checkpoint {ckpt}: no weights for parameter {name}")
             p.copy_(tensors[f"param/{name}"])
+    return LoadedCheckpoint(job, ckpt, spec, shards, manifest, model.eval())
+
+
+def evaluate(target: str, max_samples: int | None = None) -> dict[str, Any]:
+    loaded = load_checkpoint_model(target)
+    spec, shards, manifest, model, ckpt = loaded.spec, loaded.shards, loaded.manifest, loaded.model, loaded.checkpoint
     samples = max_samples or manifest.val.samples
     batches = val_batches(shards, micro_batch=spec.data.micro_batch, dp_rank=0, dp_size=1, max_samples=samples)
     loss = eval_loss(model, batches, torch.device("cpu"))

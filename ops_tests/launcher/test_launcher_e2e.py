@@ -223,6 +223,25 @@ def test_export_hf_loads_in_transformers_with_our_logits_and_tokenizer(job, tmp_
     assert bad.returncode != 0 and "allowed: hf, safetensors" in bad.stderr and not (tmp_path / "x").exists()
 
 
+def test_generate_at_temperature_zero_is_greedy_decoding_of_the_checkpoint(job):
+    """`launcher generate` decodes through the KV cache; at temperature 0 its tokens are those of greedy decoding
+    by repeated full forwards of the same checkpoint's model."""
+    from launcher.evaluate import load_checkpoint_model
+
+    r = launcher("generate", "e2e", "--prompt", "the model", "--max-new-tokens", "8", "--json", home=job["home"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout)
+    assert out["step"] == STEPS and 1 <= len(out["tokens"]) <= 8 and out["tokens_per_s"] > 0
+    model = load_checkpoint_model(str(Path(out["checkpoint"]))).model
+    tokens = torch.tensor([out["prompt_tokens"]])
+    with torch.no_grad():
+        for _ in range(len(out["tokens"])):
+            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert tokens[0, len(out["prompt_tokens"]):].tolist() == out["tokens"]
+    bad = launcher("generate", "e2e", "--prompt", "x", "--top-p", "0", home=job["home"])
+    assert bad.returncode != 0 and "--top-p must be in (0, 1], got 0.0" in bad.stderr
+
+
 @pytest.fixture(scope="module")
 def continued(job):
     """The e2e job continued, on the shared cluster: its name resubmitted with --detach and a far-off step
