@@ -1,6 +1,7 @@
 """The driver: prepare data, open the MLflow run, start Ray, run the worker group, record the outcome."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ from launcher.errors import UserError
 from launcher.jobs import JobDir, read_json, write_json_atomic
 from launcher.node_agent import NodeAgents
 from launcher.spec import JobSpec, dump_spec
+from launcher.validate import init_from_dir
 from launcher.watchdog import Watchdog
 
 log = logging.getLogger("lmforge." + __name__)
@@ -27,10 +29,15 @@ def resolve_shards(spec: JobSpec) -> Path:
 
     d = spec.data
     shards = Path(d.shards).expanduser() if d.shards else default_shards_dir(d.corpus or "builtin", d.vocab_size, d.seq_len)
+    # model.init_from: the checkpoint's own tokenizer encodes the data (validate.py checked it exists)
+    given = init_from_dir(spec) / "tokenizer.json" if init_from_dir(spec) else d.tokenizer
     if (shards / "manifest.json").is_file():
         manifest = load_manifest(shards)
         if manifest.seq_len != d.seq_len:
             raise UserError(f"data.seq_len: {d.seq_len} but the shards in {shards} were packed for seq_len {manifest.seq_len}")
+        if init_from_dir(spec) and manifest.tokenizer_sha256 != hashlib.sha256(Path(given).read_bytes()).hexdigest():
+            raise UserError(f"data.shards: {shards} were tokenized with another tokenizer than model.init_from's "
+                            f"{given}; prepare them with it (launcher data prepare --tokenizer {given})")
         return shards
     if d.corpus is None:
         raise UserError(f"data.shards: no prepared shards in {shards}; run `launcher data prepare --out {shards}` first")
@@ -41,7 +48,7 @@ def resolve_shards(spec: JobSpec) -> Path:
         prepare(
             d.corpus if d.corpus == "builtin" else str(Path(d.corpus).expanduser()), shards,
             vocab_size=d.vocab_size, seq_len=d.seq_len, samples_per_shard=d.samples_per_shard,
-            tokenizer=Path(d.tokenizer).expanduser() if d.tokenizer else None,
+            tokenizer=Path(given).expanduser() if given else None,
         )
     except DataError as e:
         raise UserError(f"data: {e}") from None

@@ -38,6 +38,8 @@ class ClusterSection:
 class ModelSection:
     arch: str = "transformer"
     preset: str = "tiny"
+    # "hf:DIR": start from a local transformers Llama / Qwen2 checkpoint (its shapes, weights and tokenizer)
+    init_from: str | None = None
     # Any further key under `model:` overrides a field of the architecture's config dataclass.
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -131,6 +133,8 @@ class JobSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["model"] = {"arch": self.model.arch, "preset": self.model.preset, **self.model.overrides}
+        if self.model.init_from is not None:
+            d["model"]["init_from"] = self.model.init_from
         return d
 
     def hash(self) -> str:
@@ -201,8 +205,8 @@ def _section_from_dict(cls: type, data: Any, path: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     if cls is ModelSection:
         # Unknown keys under model: become architecture overrides, validated against the arch's config.
-        known = {k: v for k, v in data.items() if k in ("arch", "preset")}
-        extra = {k: v for k, v in data.items() if k not in ("arch", "preset")}
+        known = {k: v for k, v in data.items() if k in ("arch", "preset", "init_from")}
+        extra = {k: v for k, v in data.items() if k not in ("arch", "preset", "init_from")}
         extra.update(extra.pop("overrides", None) or {})
         out = cls(**{k: _coerce(v, hints[k], f"{path}.{k}") for k, v in known.items()})
         out.overrides = extra

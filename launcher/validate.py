@@ -4,6 +4,8 @@ Every message names the key path and what is allowed, and shows the arithmetic f
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from launcher.errors import SpecError
 from launcher.spec import JobSpec
 
@@ -208,6 +210,7 @@ def _validate_model(spec: JobSpec) -> None:
     presets = models.get_spec(spec.model.arch).presets
     if spec.model.preset not in presets:
         raise SpecError("model.preset", f"unknown preset {spec.model.preset!r} for {spec.model.arch}; allowed: {', '.join(presets)}")
+    _validate_init_from(spec)
     try:
         cfg = model_config(spec, vocab_size=spec.data.vocab_size)
     except (ValueError, TypeError) as e:
@@ -217,12 +220,52 @@ def _validate_model(spec: JobSpec) -> None:
                                              f"allowed: >= {spec.data.seq_len}")
 
 
+def init_from_dir(spec: JobSpec) -> Path | None:
+    """The local transformers directory of `model.init_from: hf:DIR`, or None."""
+    src = spec.model.init_from
+    return Path(src.removeprefix("hf:")).expanduser() if src else None
+
+
+def _validate_init_from(spec: JobSpec) -> None:
+    """`hf:DIR` of a supported transformers checkpoint with its tokenizer, for the Transformer++ only."""
+    from models import hf_interop
+
+    src = spec.model.init_from
+    if src is None:
+        return
+    if not src.startswith("hf:") or src == "hf:":
+        raise SpecError("model.init_from", f"got {src!r}; allowed: hf:DIR (a local transformers checkpoint directory)")
+    if spec.model.arch != "transformer":
+        raise SpecError("model.init_from", f"hf checkpoints load into the Transformer++ (Llama, Qwen2); "
+                                           f"model.arch is {spec.model.arch!r}; allowed: transformer")
+    directory = init_from_dir(spec)
+    try:
+        hf_interop.transformer_fields(hf_interop.read_config(directory))
+    except (hf_interop.HFFormatError, ValueError, KeyError) as e:
+        raise SpecError("model.init_from", str(e)) from None
+    tokenizer = directory / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise SpecError("model.init_from", f"{directory} has no tokenizer.json: the data are tokenized with the "
+                                           "checkpoint's own tokenizer")
+    given = spec.data.tokenizer
+    if given is not None and Path(given).expanduser().resolve() != tokenizer.resolve():
+        raise SpecError("data.tokenizer", f"{given}: with model.init_from the tokenizer is {tokenizer}; "
+                                          "allowed: unset or that file")
+
+
 def model_config(spec: JobSpec, vocab_size: int):
-    """The architecture's config for this spec (vocab from the data, context from data.seq_len)."""
+    """The architecture's config for this spec (vocab from the data, context from data.seq_len); with
+    `model.init_from: hf:DIR` the checkpoint's shapes and vocabulary win over the preset and the data."""
     import models
+    from models import hf_interop
 
     overrides = _typed_overrides(spec.model.arch, spec.model.overrides)
     overrides.setdefault("max_seq_len", spec.data.seq_len)
+    directory = init_from_dir(spec)
+    if directory is not None:
+        fields = hf_interop.transformer_fields(hf_interop.read_config(directory))
+        vocab_size = fields.pop("vocab_size")
+        overrides |= fields
     return models.make_config(spec.model.arch, spec.model.preset, vocab_size=vocab_size, **overrides)
 
 

@@ -26,8 +26,8 @@ from launcher import fault_injection, tracking
 from launcher.errors import UserError
 from launcher.jobs import Heartbeat, JobDir, read_json, report_worker, write_json_atomic
 from launcher.spec import JobSpec, spec_from_dict
-from launcher.validate import data_parallel_size, model_config
-from parallel import checkpoint
+from launcher.validate import data_parallel_size, init_from_dir, model_config
+from parallel import checkpoint, consolidated
 from parallel.consolidated import CheckpointMismatchError
 from parallel.distributed import limit_threads, pick_device
 from parallel.engine import EngineConfig, build_engine
@@ -231,10 +231,13 @@ def _build(run: _Run) -> None:
     _check_tp_node_local(run, topo)
     run.dp_rank = topo.coords(run.rank)["dp"]  # ranks of one TP group / pipeline read the same samples
     run.cp_rank = topo.coords(run.rank)["cp"]  # ...and ranks of one CP group each take a contiguous slice of them
-    if run.vocab_size % p.tp:
-        raise ValueError(f"the tokenizer's vocabulary ({run.vocab_size}) is not divisible by parallel.tp={p.tp}")
     torch.manual_seed(t.seed)  # torch's RNG starts in the same state on every rank (the weights have their own)
-    cfg = model_config(spec, vocab_size=run.vocab_size)
+    cfg = model_config(spec, vocab_size=run.vocab_size)  # model.init_from: the checkpoint's vocabulary
+    if cfg.vocab_size < run.vocab_size:
+        raise ValueError(f"model.init_from: the checkpoint's vocabulary ({cfg.vocab_size}) is smaller than its "
+                         f"tokenizer's ({run.vocab_size})")
+    if cfg.vocab_size % p.tp:
+        raise ValueError(f"the model's vocabulary ({cfg.vocab_size}) is not divisible by parallel.tp={p.tp}")
     # Built on the meta device and sharded there; only this rank's TP shard of its pipeline stage is then
     # materialised in host memory (each weight a function of the seed and its name) and moved to the device.
     with torch.device("meta"):
@@ -294,6 +297,20 @@ def _resume(run: _Run) -> None:
     else:
         random.seed(run.spec.train.seed + run.rank)
         np.random.seed(run.spec.train.seed + run.rank)
+        _init_from(run)
+
+
+def _init_from(run: _Run) -> None:
+    """A fresh run with `model.init_from: hf:DIR`: the transformers checkpoint's weights replace the seeded
+    ones (each rank reads the safetensors and keeps its share; a resume loads its own checkpoint instead)."""
+    directory = init_from_dir(run.spec)
+    if directory is None:
+        return
+    from models import hf_interop
+
+    cfg = model_config(run.spec, vocab_size=run.vocab_size)
+    consolidated.load_weights(run.engine, hf_interop.read_state(directory, cfg), str(directory))
+    log.info("initialised from %s", directory)
 
 
 def _open_tracking(run: _Run) -> None:

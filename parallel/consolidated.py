@@ -202,6 +202,26 @@ def _per_group(scheduler: dict[str, Any], n_groups: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def load_weights(engine, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Whole tensors under single-process names (an imported checkpoint) into a fresh engine of any layout:
+    each rank copies its TP / pipeline share, ZeRO's fp32 masters too; the optimizer starts empty."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    tp_group = _tp_group(engine)
+    for name, p in canonical_parameters(engine.module):
+        if name not in tensors:
+            raise CheckpointMismatchError(f"{source}: no weights for parameter {name}")
+        full = tensors[name]
+        if _full_shape(p, tp_group) != list(full.shape):
+            raise CheckpointMismatchError(f"{source}: {name} has shape {list(full.shape)}, the model "
+                                          f"{_full_shape(p, tp_group)}")
+        weight = _my_shard(full, p, tp_group).to(p.device, torch.float32).contiguous()
+        with torch.no_grad():
+            p.copy_(weight.to(p.dtype))
+        if _zero(engine):
+            safe_set_full_fp32_param(p, weight)
+
+
 def load(engine, path: Path) -> None:
     """Put a consolidated state into an engine of any data-parallel size. Every rank must call it."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state

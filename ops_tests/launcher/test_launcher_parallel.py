@@ -7,6 +7,7 @@ vocab-split position table and z-loss under TP). Pipeline stages are resharded o
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -121,3 +122,56 @@ def _export_weights_only(home, name: str) -> None:  # noqa: ANN001
     assert weights.keys() == params.keys() and all(torch.equal(weights[k], params[k]) for k in params)
     ours = json.loads((home / "st" / "lmforge_config.json").read_text())
     assert ours["arch"] == "rmt" and ours["step"] == info["step"] and ours["config"]["d_key"] == 16
+
+
+def test_a_transformers_llama_trains_from_its_weights_at_tp2_and_exports_back(tmp_path, small_shards):
+    """`model.init_from: hf:DIR`: a tiny random transformers Llama (saved here, no hub) is the job's starting
+    point at tp2 — its loss on the first batch is the first loss logged — it trains, and its export loads back
+    in transformers as a Llama of the same shapes."""
+    import shutil
+
+    import transformers
+
+    from data_pipeline import TokenStream
+    from parallel.step import lm_loss, split_batch
+
+    hf_dir, home = tmp_path / "llama", tmp_path / "home"
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=512, max_position_embeddings=64))
+    with torch.no_grad():  # confident predictions: a first loss far from ln V tells its weights from seeded ones
+        llama.lm_head.weight.mul_(60)
+    llama.save_pretrained(hf_dir)
+    shutil.copyfile(small_shards / "tokenizer.json", hf_dir / "tokenizer.json")
+    spec = yaml.safe_load(LOCAL.read_text())
+    spec["model"] = {"arch": "transformer", "preset": "tiny", "init_from": f"hf:{hf_dir}"}
+    spec["parallel"] = {**spec.get("parallel", {}), "tp": 2}
+    spec["data"] = {**spec["data"], "shards": str(small_shards), "seq_len": 32, "vocab_size": 512, "micro_batch": 4,
+                    "global_batch": 8}
+    spec["optim"] = {**spec["optim"], "lr": 1e-2, "warmup_steps": 1}
+    spec["train"] = {**spec["train"], "steps": 6, "eval_every": 6, "checkpoint_every": 6, "output_dir": str(home / "runs")}
+    spec.setdefault("tracking", {})["system_metrics"] = False
+    home.mkdir()
+    (home / "hf.yaml").write_text(yaml.safe_dump(spec))
+
+    r = launcher("submit", str(home / "hf.yaml"), "--name", "imported", home=home, timeout=900)
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
+    st = status("imported", home)
+    assert st["state"] == "SUCCEEDED" and len(st["workers"]) == 2, st
+    losses = _history(st["mlflow"]["tracking_uri"], st["mlflow"]["run_id"], "loss")
+    stream = TokenStream(small_shards, seed=spec["train"].get("seed", 0), global_batch=8, micro_batch=4, dp_rank=0,
+                         dp_size=1)
+    batches = stream.micro_batches()
+    with torch.no_grad():
+        first = sum(lm_loss(llama(i).logits, t).item() for i, t in (split_batch(next(batches), torch.device("cpu"))
+                                                                      for _ in range(2))) / 2
+    assert first > 2 * math.log(512)  # the scaled head: far from a seeded model's ≈ ln V
+    assert losses[0][1] == pytest.approx(first, rel=1e-4), (losses[:2], first)
+    assert losses[-1][1] < losses[0][1] - 1.0, losses
+
+    r = launcher("export", "imported", "--format", "hf", "--out", str(home / "back"), home=home)
+    assert r.returncode == 0, r.stderr[-4000:]
+    back = transformers.AutoModelForCausalLM.from_pretrained(home / "back")
+    assert type(back).__name__ == "LlamaForCausalLM" and back.config.num_key_value_heads == 2
+    assert back.config.vocab_size == 512 and back.config.hidden_size == 64
