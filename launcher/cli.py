@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="validation loss of a job's newest checkpoint (or a checkpoint directory)")
     s.add_argument("target")
     s.add_argument("--samples", type=int, default=None, help="validation samples (default: all)")
+    s.add_argument("--tasks", help="comma-separated: ppl, blimp (without: the validation loss as JSON)")
+    s.add_argument("--blimp-dir", help="BLiMP's <paradigm>.jsonl directory (for --tasks blimp)")
+    s.add_argument("--blimp-pairs", type=int, help="the first N pairs of each BLiMP paradigm (default: all)")
+    s.add_argument("--json", action="store_true", help="one JSON object instead of a table (with --tasks)")
+    s.add_argument("--no-log", action="store_true", help="do not log the task metrics into the job's MLflow run")
 
     s = sub.add_parser("export", help="a checkpoint as a transformers directory (--format hf) or plain safetensors")
     s.add_argument("target", help="a job name or a checkpoint directory")
@@ -319,9 +324,31 @@ def cmd_eval(args) -> int:
 
     _setup_logging(args.debug)
     _quiet_deepspeed()  # imported to recognise a pipeline engine
-    result = evaluate(args.target, max_samples=args.samples)
-    print(json.dumps(result, indent=1))
+    if args.tasks is None:
+        print(json.dumps(evaluate(args.target, max_samples=args.samples), indent=1))
+        return 0
+    from launcher.eval_tasks import parse_tasks
+    from launcher.evaluate import run_tasks
+
+    tasks = parse_tasks(args.tasks)  # unknown names refused before the checkpoint is read
+    result = run_tasks(args.target, tasks, samples=args.samples, blimp_dir=args.blimp_dir,
+                       blimp_pairs=args.blimp_pairs, log=not args.no_log)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        _print_tasks(result)
     return 0
+
+
+def _print_tasks(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("task", "metric", "value", title=f"{result['checkpoint']} (step {result['step']})")
+    for task, metrics in result["tasks"].items():
+        for key, value in metrics.items():
+            table.add_row(task, key, f"{value:.4f}")
+    Console().print(table)
 
 
 def cmd_export(args) -> int:

@@ -80,3 +80,23 @@ def evaluate(target: str, max_samples: int | None = None) -> dict[str, Any]:
     loss = eval_loss(model, batches, torch.device("cpu"))
     return {"checkpoint": str(ckpt), "step": checkpoint.read_manifest(ckpt)["step"], "val_loss": loss,
             "val_ppl": math.exp(min(loss, 50.0)), "samples": min(samples, manifest.val.samples)}
+
+
+def run_tasks(target: str, tasks: list[str], samples: int | None = None, blimp_dir: str | None = None,
+              blimp_pairs: int | None = None, log: bool = True) -> dict[str, Any]:
+    """Each task's metrics for the checkpoint; with `log`, also into the job's MLflow run as
+    `eval/<task>/<metric>` at the checkpoint's step."""
+    from launcher import tracking
+    from launcher.eval_tasks import TASKS
+
+    loaded = load_checkpoint_model(target)
+    results = {t: TASKS[t](loaded, samples=samples, blimp_dir=blimp_dir, blimp_pairs=blimp_pairs) for t in tasks}
+    out: dict[str, Any] = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "tasks": results}
+    mlflow = loaded.job.read_state().get("mlflow") or {}
+    if log and mlflow.get("run_id"):
+        metrics = {f"eval/{t}/{k}": v for t, r in results.items() for k, v in r.items() if math.isfinite(v)}
+        client = tracking.client(mlflow["tracking_uri"])
+        for key, value in metrics.items():
+            client.log_metric(mlflow["run_id"], key, value, step=loaded.step)
+        out["mlflow"] = {**mlflow, "metrics": len(metrics)}
+    return out

@@ -216,12 +216,12 @@ def load_weights(engine, tensors: dict[str, torch.Tensor], source: str) -> None:
             raise CheckpointMismatchError(f"{source}: {name} has shape {list(full.shape)}, the model "
                                           f"{_full_shape(p, tp_group)}")
         weight = _my_shard(full, p, tp_group).to(p.device, torch.float32).contiguous()
-        with torch.no_grad():
-            p.copy_(weight.to(p.dtype))
+        p.copy_(weight.to(p.dtype))
         if _zero(engine):
             safe_set_full_fp32_param(p, weight)
 
 
+@torch.no_grad()
 def load(engine, path: Path) -> None:
     """Put a consolidated state into an engine of any data-parallel size. Every rank must call it."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state

@@ -242,6 +242,25 @@ def test_generate_at_temperature_zero_is_greedy_decoding_of_the_checkpoint(job):
     assert bad.returncode != 0 and "--top-p must be in (0, 1], got 0.0" in bad.stderr
 
 
+def test_eval_tasks_log_into_the_job_run_at_the_checkpoint_step(job, tmp_path):
+    """`launcher eval --tasks ppl,blimp`: the ppl task's loss is the logged val_loss; every metric lands in the
+    job's MLflow run as eval/<task>/<metric> at the checkpoint's step; unknown tasks list the known."""
+    blimp_dir = tmp_path / "blimp"
+    blimp_dir.mkdir()
+    (blimp_dir / "agreement.jsonl").write_text("".join(json.dumps({"sentence_good": g, "sentence_bad": b}) + "\n" for g, b in
+                                               (("The dogs bark.", "The dogs barks."), ("A cat sleeps.", "A cat sleep."))))
+    r = launcher("eval", "e2e", "--tasks", "ppl,blimp", "--samples", "256", "--blimp-dir", str(blimp_dir), "--json",
+                 home=job["home"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout)
+    assert out["step"] == STEPS and out["tasks"]["ppl"]["val_loss"] == pytest.approx(_history(job, "val_loss")[-1][1], rel=1e-4)
+    assert out["tasks"]["blimp"]["pairs"] == 2
+    for key in ("eval/ppl/val_loss", "eval/ppl/loss_pos_0_1", "eval/blimp/accuracy", "eval/blimp/acc/agreement"):
+        assert [s for s, _ in _history(job, key)] == [STEPS], key
+    bad = launcher("eval", "e2e", "--tasks", "mmlu", home=job["home"])
+    assert bad.returncode != 0 and "unknown task mmlu; known: ppl, blimp" in bad.stderr
+
+
 @pytest.fixture(scope="module")
 def continued(job):
     """The e2e job continued, on the shared cluster: its name resubmitted with --detach and a far-off step
