@@ -11,7 +11,7 @@ The Memory Block widens like a 4× FFN without a matmul: "extra_bit" (the code's
 K·(τ+b) wide so ML2 hashes K chunks of τ+b bits (tables of 2^(τ+b) rows); "extra_table" makes ML1's output
 2d so ML2 hashes 2K chunks of τ bits. The embedding and the dense LM head are the only matmuls left, untied.
 
-Tensor parallelism splits every table by output columns (`TableColumns`, this file's own TP style): Q, K and
+Tensor parallelism splits every table by output columns (the built-in `table_columns` styles): Q, K and
 V produce a rank's own heads directly, the attention runs on them, and the head outputs, ML1's and ML2's
 outputs are gathered (there is no row-parallel layer to sum into). Each rank hashes the full, replicated
 input; the weights' gradients are summed over the group on the way back (each rank's covers its columns).
@@ -33,8 +33,6 @@ from models.layers.memory_layer import MAX_CODE_BITS, SCORE_FNS, Codes, HashedMe
 from models.layers.norm import LayerNorm, RMSNorm
 from models.layers.rope import RotaryEmbedding
 from models.registry import ModelSpec, lm_pipeline_blocks, register
-from parallel.tensor import copy_to_tp, gather_to_replicated
-from parallel.tp_styles import TPStyle, slice_parameters
 
 FFN_EXPAND_MODES = ("extra_bit", "extra_table")
 HASH_PROJECTIONS = ("none", "dense")
@@ -145,7 +143,7 @@ def _memory(cfg: MemoryFormerConfig, d_in: int, d_out: int, code_bits: int, proj
 
 class HeadOutputs(nn.Module):
     """The heads' outputs concatenated, [B, T, H·hd]: an identity that marks where a tensor-parallel shard's
-    own heads are gathered (`GatheredColumns`), since no W_O follows to sum them."""
+    own heads are gathered (the `gathered_columns` TP style), since no W_O follows to sum them."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -289,59 +287,7 @@ def _memory_rules(name: str, module: HashedMemory, table_std: float, proj_std: f
     return rules
 
 
-# --- tensor parallelism: tables split by output columns ---------------------------------------------
-
-class TableColumns(TPStyle):
-    """A MemoryLayer split by output columns: a rank holds columns [r·h/t, (r+1)·h/t) of every table row
-    and of the bias. It gathers the same rows as one process (the hash is of the full, replicated input),
-    so the forward needs no collective until its output is used whole (`gather_output`: all-gathered over
-    the group); the weights enter through copy-to-TP, whose backward sums each rank's ⟨∂y, T[idx]⟩ over its
-    columns into the full ∂w. The table's rows are not split: a rank's memory is 1/t of every table."""
-
-    name = "table_columns"
-
-    def __init__(self, gather_output: bool):
-        self.gather_output = gather_output
-
-    def sharded_dims(self, module: nn.Module) -> dict[str, int]:
-        return {"tables": 1, **({"bias": 0} if module.bias is not None else {})}
-
-    def apply(self, module: nn.Module, group, sequence_parallel: bool) -> nn.Module:  # noqa: ANN001
-        if sequence_parallel:
-            raise ValueError(SEQUENCE_PARALLEL_REFUSAL)
-
-        def enter(mod: nn.Module, args: tuple) -> tuple:
-            index, weight = args
-            return index, copy_to_tp(weight, group)
-
-        module.register_forward_pre_hook(enter)
-        if self.gather_output:
-            module.register_forward_hook(lambda mod, args, out: gather_columns(out, group))
-        return slice_parameters(module, self.sharded_dims(module), group)
-
-    def __repr__(self) -> str:
-        return f"<TP style {self.name} gather_output={self.gather_output}>"
-
-
-class GatheredColumns(TPStyle):
-    """A parameter-free module whose input (and output) is this rank's column shard: the output all-gathered."""
-
-    name = "gathered_columns"
-
-    def sharded_dims(self, module: nn.Module) -> dict[str, int]:
-        return {}
-
-    def apply(self, module: nn.Module, group, sequence_parallel: bool) -> nn.Module:  # noqa: ANN001
-        if sequence_parallel:
-            raise ValueError(SEQUENCE_PARALLEL_REFUSAL)
-        module.register_forward_hook(lambda mod, args, out: gather_columns(out, group))
-        return module
-
-
-def gather_columns(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
-    """[..., h/t] column shards -> [..., h] (rank order); the backward keeps this rank's columns."""
-    return gather_to_replicated(x.movedim(-1, 1), group).movedim(1, -1)
-
+# --- tensor parallelism: tables split by output columns (parallel/tp_styles.py's table styles) ------------
 
 SEQUENCE_PARALLEL_REFUSAL = (
     "MemoryFormer splits its tables by output columns and has no row-parallel layer (no W_O; ML2's output is "
@@ -349,13 +295,11 @@ SEQUENCE_PARALLEL_REFUSAL = (
 
 TP_PLAN = {
     "tok_embeddings": "vocab",
-    "layers.*.attn.q.memory": TableColumns(gather_output=False),
-    "layers.*.attn.k.memory": TableColumns(gather_output=False),
-    "layers.*.attn.v.memory": TableColumns(gather_output=False),
-    "layers.*.attn.heads": GatheredColumns(),
-    "layers.*.attn.out.memory": TableColumns(gather_output=True),
-    "layers.*.ffn.ml1.memory": TableColumns(gather_output=True),
-    "layers.*.ffn.ml2.memory": TableColumns(gather_output=True),
+    "layers.*.attn.q.memory": "table_columns", "layers.*.attn.k.memory": "table_columns",
+    "layers.*.attn.v.memory": "table_columns",
+    "layers.*.attn.heads": "gathered_columns",
+    "layers.*.attn.out.memory": "table_columns_gathered",
+    "layers.*.ffn.ml1.memory": "table_columns_gathered", "layers.*.ffn.ml2.memory": "table_columns_gathered",
     "output": "colwise",
 }
 

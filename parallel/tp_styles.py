@@ -20,6 +20,10 @@ copied into the TP region (identity forward, all-reduce backward), its first out
 gathered for replicated use. `headwise_region` slices every direct parameter on dim 0 by whole heads;
 `expert_hidden` splits an expert bank's hidden width (the dims its `expert_parameters()` declares).
 Neither runs under sequence parallelism (`region = True`).
+
+Three styles serve lookup tables split by output columns (MemoryFormer): `table_columns` (the output stays
+column-sharded, e.g. a rank's own heads), `table_columns_gathered` (all-gathered) and `gathered_columns` for a
+parameter-free module whose column-sharded output is gathered.
 """
 from __future__ import annotations
 
@@ -167,8 +171,55 @@ class ExpertHidden(Region):
         return dict(module.expert_parameters())  # an expert bank (models.contract.ExpertBank)
 
 
+def gather_columns(x: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+    """[..., h/t] column shards -> [..., h] (rank order); the backward keeps this rank's columns."""
+    return gather_to_replicated(x.movedim(-1, 1), group).movedim(1, -1)
+
+
+class TableColumns(TPStyle):
+    """A lookup module (MemoryFormer's Memory Layer) whose `tables` [rows, h] and `bias` [h] are split by output
+    columns: a rank gathers the same rows as one process (its inputs — row indices and their weights — are
+    replicated) and holds 1/t of every row. Floating inputs enter through copy-to-TP, whose backward sums each
+    rank's partial gradient (its columns' share of ⟨∂y, T[idx]⟩); with `gather_output` the output is all-gathered."""
+
+    def __init__(self, gather_output: bool):
+        self.gather_output = gather_output
+        self.name = "table_columns_gathered" if gather_output else "table_columns"
+
+    def sharded_dims(self, module: nn.Module) -> dict[str, int]:
+        return {"tables": 1, **({"bias": 0} if getattr(module, "bias", None) is not None else {})}
+
+    def apply(self, module: nn.Module, group, sequence_parallel: bool) -> nn.Module:  # noqa: ANN001
+        if sequence_parallel:
+            raise ValueError(f"{type(module).__name__}: table styles do not run under sequence parallelism")
+
+        def enter(mod: nn.Module, args: tuple) -> tuple:
+            return tuple(copy_to_tp(a, group) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+        module.register_forward_pre_hook(enter)
+        if self.gather_output:
+            module.register_forward_hook(lambda mod, args, out: gather_columns(out, group))
+        return slice_parameters(module, self.sharded_dims(module), group)
+
+
+class GatheredColumns(TPStyle):
+    """A parameter-free module whose output is this rank's column shard (heads with no W_O after them): all-gathered."""
+
+    name = "gathered_columns"
+
+    def sharded_dims(self, module: nn.Module) -> dict[str, int]:
+        return {}
+
+    def apply(self, module: nn.Module, group, sequence_parallel: bool) -> nn.Module:  # noqa: ANN001
+        if sequence_parallel:
+            raise ValueError(f"{type(module).__name__}: gathered_columns does not run under sequence parallelism")
+        module.register_forward_hook(lambda mod, args, out: gather_columns(out, group))
+        return module
+
+
 STYLES: dict[str, TPStyle] = {s.name: s for s in (Colwise(), Rowwise(), Vocab(), Headwise(), Partial(),
-                                                   HeadwiseRegion(), ExpertHidden())}
+                                                   HeadwiseRegion(), ExpertHidden(), TableColumns(False),
+                                                   TableColumns(True), GatheredColumns())}
 
 
 def resolve(style: str | TPStyle) -> TPStyle:
